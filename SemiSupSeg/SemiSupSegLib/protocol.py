@@ -1,0 +1,357 @@
+"""Job protocol v1: the contract between the Slicer module and the training backend.
+
+The Slicer side writes a job (``job.json``) into a job folder and starts the backend with
+``semisupseg run job.json --events -``. The backend answers with one JSON object per line
+(events). Both sides import only this module, which uses the standard library alone, so
+that a remote runner can carry the same job folder and event stream later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+PROTOCOL_VERSION = 1
+
+METHODS = ("supervised", "mn", "em", "mn+em", "mean-teacher", "ua-mt")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+MODALITIES = ("MR", "CT", "other")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+EVENT_KINDS = ("start", "stage", "progress", "log", "warning", "error", "output", "done", "cancelled")
+
+JOB_FILE_NAME = "job.json"
+
+
+class ProtocolError(ValueError):
+    """A job or an event that does not follow the protocol; the message says which field."""
+
+
+@dataclass
+class LabeledCase:
+    """One labeled volume: an image file (or DICOM folder) and its label map file."""
+
+    name: str
+    image: str
+    label: str
+
+
+@dataclass
+class UnlabeledCase:
+    """One image without a label; it gets a pseudo-mask and an uncertainty map."""
+
+    name: str
+    image: str
+
+
+@dataclass
+class JobSpec:
+    """Everything the backend needs to train and predict, with paths relative to the job file.
+
+    ``classes`` maps label values (as strings, JSON keys) to names; value 0 is background.
+    ``settings`` holds training settings by name (see the backend's ``TrainConfig``);
+    unknown names are rejected by the backend, not here, so this module stays small.
+    ``init_from`` names a previous run's checkpoint to warm-start from (retraining rounds).
+    """
+
+    labeled: List[LabeledCase]
+    unlabeled: List[UnlabeledCase] = field(default_factory=list)
+    classes: Dict[str, str] = field(default_factory=lambda: {"0": "background", "1": "foreground"})
+    method: str = "supervised"
+    device: str = "auto"
+    modality: str = "MR"
+    output: str = "outputs"
+    settings: Dict[str, Any] = field(default_factory=dict)
+    predict_unlabeled: bool = True
+    init_from: Optional[str] = None
+    version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "version": self.version,
+            "method": self.method,
+            "device": self.device,
+            "modality": self.modality,
+            "classes": dict(self.classes),
+            "labeled": [vars(c).copy() for c in self.labeled],
+            "unlabeled": [vars(c).copy() for c in self.unlabeled],
+            "output": self.output,
+            "settings": dict(self.settings),
+            "predict_unlabeled": self.predict_unlabeled,
+            "init_from": self.init_from,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JobSpec:
+        """Build a job from parsed JSON; raise ProtocolError naming the first bad field."""
+        if not isinstance(data, dict):
+            raise ProtocolError("job: expected a JSON object at the top level")
+        known = {
+            "version",
+            "method",
+            "device",
+            "modality",
+            "classes",
+            "labeled",
+            "unlabeled",
+            "output",
+            "settings",
+            "predict_unlabeled",
+            "init_from",
+        }
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ProtocolError(f"job: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        version = data.get("version")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"job.version: this backend speaks protocol {PROTOCOL_VERSION}, the job says {version!r}"
+            )
+        method = _choice(data, "method", METHODS, "supervised")
+        device = _choice(data, "device", DEVICES, "auto")
+        modality = _choice(data, "modality", MODALITIES, "MR")
+        classes = _classes(data.get("classes", {"0": "background", "1": "foreground"}))
+        labeled = [
+            _labeled_case(item, i) for i, item in enumerate(_list(data, "labeled", required=True))
+        ]
+        if not labeled:
+            raise ProtocolError("job.labeled: at least one labeled case is needed")
+        unlabeled = [_unlabeled_case(item, i) for i, item in enumerate(_list(data, "unlabeled"))]
+        names = [c.name for c in labeled] + [c.name for c in unlabeled]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ProtocolError(f"job: duplicate case names {duplicates}")
+        output = data.get("output", "outputs")
+        if not isinstance(output, str) or not output:
+            raise ProtocolError("job.output: expected a non-empty folder path")
+        settings = data.get("settings", {})
+        if not isinstance(settings, dict):
+            raise ProtocolError("job.settings: expected an object of name -> value")
+        predict_unlabeled = data.get("predict_unlabeled", True)
+        if not isinstance(predict_unlabeled, bool):
+            raise ProtocolError("job.predict_unlabeled: expected true or false")
+        init_from = data.get("init_from")
+        if init_from is not None and (not isinstance(init_from, str) or not init_from):
+            raise ProtocolError("job.init_from: expected a checkpoint path or null")
+        return cls(
+            labeled=labeled,
+            unlabeled=unlabeled,
+            classes=classes,
+            method=method,
+            device=device,
+            modality=modality,
+            output=output,
+            settings=settings,
+            predict_unlabeled=predict_unlabeled,
+            init_from=init_from,
+            version=version,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the job as JSON, atomically (temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> JobSpec:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ProtocolError(f"{path}: cannot read the job file ({err.strerror})") from err
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ProtocolError(
+                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            ) from err
+        try:
+            return cls.from_dict(data)
+        except ProtocolError as err:
+            raise ProtocolError(f"{path}: {err}") from err
+
+    def resolve(self, base: str | Path) -> JobSpec:
+        """Return a copy whose relative paths are made absolute against ``base``."""
+
+        def absolute(p: Optional[str]) -> Optional[str]:
+            if p is None:
+                return None
+            q = Path(p)
+            return str(q if q.is_absolute() else (Path(base) / q).resolve())
+
+        data = self.to_dict()
+        for case in data["labeled"]:
+            case["image"], case["label"] = absolute(case["image"]), absolute(case["label"])
+        for case in data["unlabeled"]:
+            case["image"] = absolute(case["image"])
+        data["output"] = absolute(data["output"])
+        data["init_from"] = absolute(data["init_from"])
+        return JobSpec.from_dict(data)
+
+
+def _choice(data: Dict[str, Any], key: str, allowed: tuple, default: str) -> str:
+    value = data.get(key, default)
+    if value not in allowed:
+        raise ProtocolError(f"job.{key}: {value!r} is not one of {list(allowed)}")
+    return value
+
+
+def _list(data: Dict[str, Any], key: str, required: bool = False) -> list:
+    if key not in data:
+        if required:
+            raise ProtocolError(f"job.{key}: missing (a list of cases)")
+        return []
+    value = data[key]
+    if not isinstance(value, list):
+        raise ProtocolError(f"job.{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _text(item: Dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{where}.{key}: expected a non-empty string")
+    return value
+
+
+def _case_name(item: Dict[str, Any], where: str) -> str:
+    name = item.get("name")
+    if name is None:
+        name = case_name_from_path(_text(item, "image", where))
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"{where}.name: expected a non-empty string")
+    return name
+
+
+def _labeled_case(item: Any, index: int) -> LabeledCase:
+    where = f"job.labeled[{index}]"
+    if not isinstance(item, dict):
+        raise ProtocolError(f"{where}: expected an object with image and label")
+    return LabeledCase(
+        name=_case_name(item, where), image=_text(item, "image", where), label=_text(item, "label", where)
+    )
+
+
+def _unlabeled_case(item: Any, index: int) -> UnlabeledCase:
+    where = f"job.unlabeled[{index}]"
+    if isinstance(item, str):
+        item = {"image": item}
+    if not isinstance(item, dict):
+        raise ProtocolError(f"{where}: expected an object with image (or a path string)")
+    return UnlabeledCase(name=_case_name(item, where), image=_text(item, "image", where))
+
+
+def _classes(value: Any) -> Dict[str, str]:
+    if not isinstance(value, dict) or not value:
+        raise ProtocolError("job.classes: expected an object of label value -> name")
+    classes = {}
+    for key, name in value.items():
+        try:
+            number = int(key)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"job.classes: key {key!r} is not an integer label value") from None
+        if number < 0 or number > 255:
+            raise ProtocolError(f"job.classes: label value {number} is outside 0..255")
+        if not isinstance(name, str) or not name:
+            raise ProtocolError(f"job.classes[{key}]: expected a non-empty name")
+        classes[str(number)] = name
+    values = sorted(int(k) for k in classes)
+    if values != list(range(len(values))):
+        raise ProtocolError(
+            f"job.classes: label values must be 0..N without gaps (0 = background), got {values}"
+        )
+    return classes
+
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def case_name_from_path(path: str) -> str:
+    """A case's name: the file name without its image extension (a DICOM folder: its name)."""
+    name = Path(path.rstrip("/\\")).name
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# ---------------------------------------------------------------- events
+
+
+def make_event(kind: str, **fields: Any) -> Dict[str, Any]:
+    """Build an event dict; ``validate_event`` accepts what this returns."""
+    event = {"v": PROTOCOL_VERSION, "event": kind, "time": round(time.time(), 3)}
+    event.update({k: v for k, v in fields.items() if v is not None})
+    validate_event(event)
+    return event
+
+
+def encode_event(event: Dict[str, Any]) -> str:
+    """One line of JSON, no newline inside; NaN and infinity become null."""
+    return json.dumps(_finite(event), separators=(",", ":"))
+
+
+def parse_event(line: str) -> Dict[str, Any]:
+    """Parse and validate one line of the backend's event stream."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ProtocolError(f"event: not JSON ({err.msg}): {line[:200]!r}") from err
+    validate_event(event)
+    return event
+
+
+_EVENT_TYPES = {
+    "v": int,
+    "event": str,
+    "time": (int, float),
+    "stage": str,
+    "message": str,
+    "iteration": int,
+    "total": int,
+    "eta": (int, float),
+    "loss": dict,
+    "metrics": dict,
+    "outputs": dict,
+    "warnings": list,
+    "errors": list,
+}
+
+
+def validate_event(event: Any) -> None:
+    """Raise ProtocolError unless ``event`` is a well-formed v1 event."""
+    if not isinstance(event, dict):
+        raise ProtocolError("event: expected a JSON object")
+    if event.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"event.v: expected {PROTOCOL_VERSION}, got {event.get('v')!r}")
+    if event.get("event") not in EVENT_KINDS:
+        raise ProtocolError(f"event.event: {event.get('event')!r} is not one of {list(EVENT_KINDS)}")
+    for key, expected in _EVENT_TYPES.items():
+        value = event.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ProtocolError(f"event.{key}: unexpected type {type(value).__name__}")
+    if event["event"] in ("error", "warning", "log") and "message" not in event:
+        raise ProtocolError(f"event: a {event['event']} event needs a message")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
