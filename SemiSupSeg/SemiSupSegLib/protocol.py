@@ -26,7 +26,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 
-EVENT_KINDS = ("start", "stage", "progress", "log", "warning", "error", "output", "done", "cancelled")
+EVENT_KINDS = (
+    "start",
+    "stage",
+    "progress",
+    "log",
+    "warning",
+    "error",
+    "output",
+    "done",
+    "cancelled",
+)
 
 JOB_FILE_NAME = "job.json"
 
@@ -238,7 +248,9 @@ def _labeled_case(item: Any, index: int) -> LabeledCase:
     if not isinstance(item, dict):
         raise ProtocolError(f"{where}: expected an object with image and label")
     return LabeledCase(
-        name=_case_name(item, where), image=_text(item, "image", where), label=_text(item, "label", where)
+        name=_case_name(item, where),
+        image=_text(item, "image", where),
+        label=_text(item, "label", where),
     )
 
 
@@ -336,7 +348,9 @@ def validate_event(event: Any) -> None:
     if event.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"event.v: expected {PROTOCOL_VERSION}, got {event.get('v')!r}")
     if event.get("event") not in EVENT_KINDS:
-        raise ProtocolError(f"event.event: {event.get('event')!r} is not one of {list(EVENT_KINDS)}")
+        raise ProtocolError(
+            f"event.event: {event.get('event')!r} is not one of {list(EVENT_KINDS)}"
+        )
     for key, expected in _EVENT_TYPES.items():
         value = event.get(key)
         if value is None:

@@ -1,0 +1,287 @@
+"""The ``semisupseg`` command line: train, predict, evaluate, run JOB.json, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from SemiSupSegLib.protocol import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    IMAGE_SUFFIXES,
+    METHODS,
+    ProtocolError,
+    case_name_from_path,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semisupseg",
+        description="Semi-supervised 3D medical image segmentation: train from a few labeled "
+        "volumes plus many unlabeled ones, predict label maps with uncertainty, evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu"
+        )
+        p.add_argument(
+            "--events", help="write progress as JSON lines to this file ('-' for stdout)"
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bar or messages on stderr")
+        p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+
+    train = sub.add_parser("train", help="train a model from labeled (and unlabeled) volumes")
+    train.add_argument(
+        "--data",
+        help="an MSD/nnU-Net dataset.json, or a folder with one, or a folder "
+        "with imagesTr/ and labelsTr/",
+    )
+    train.add_argument("--images", help="folder of images (instead of --data)")
+    train.add_argument("--labels", help="folder of label maps matched to --images by case name")
+    train.add_argument("--unlabeled", help="folder of extra unlabeled images")
+    train.add_argument(
+        "--labeled",
+        help="text file, one case name per line: only these keep their "
+        "labels; every other case of the data is used as unlabeled",
+    )
+    train.add_argument(
+        "--exclude", help="text file of case names to leave out entirely (test cases)"
+    )
+    train.add_argument("--method", default="supervised", choices=METHODS)
+    train.add_argument("--network", help="3D network: unet (default), segresnet, swinunetr")
+    train.add_argument("--iterations", type=int, help="training iterations (default 1500)")
+    train.add_argument("--seed", type=int)
+    train.add_argument(
+        "--modality",
+        choices=["MR", "CT", "other"],
+        help="intensity normalisation; default from dataset.json, else MR (z-score)",
+    )
+    train.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1,1,1 (x,y,z)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any training setting, e.g. --set batch_size=2 --set method.ema_decay=0.99",
+    )
+    train.add_argument("--out", required=True, help="run folder for checkpoints and the model")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--init-from", help="warm-start from a previous run folder or model.pt")
+    common(train)
+
+    predict = sub.add_parser("predict", help="predict label and uncertainty maps")
+    predict.add_argument("--run", required=True, help="run folder (or model.pt) from train")
+    predict.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="image files, folders of images, or DICOM series folders",
+    )
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument(
+        "--mc-samples",
+        type=int,
+        default=1,
+        help="Monte Carlo dropout passes for the uncertainty map (1: softmax entropy)",
+    )
+    common(predict)
+
+    evaluate = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASD of predictions against truth")
+    evaluate.add_argument("--pred", required=True, help="folder of predicted label maps")
+    evaluate.add_argument("--truth", required=True, help="folder of label maps, or a dataset.json")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
+    evaluate.add_argument("--debug", action="store_true")
+
+    run = sub.add_parser("run", help="run a job file (what the Slicer module writes)")
+    run.add_argument("job", help="job.json (protocol v1)")
+    run.add_argument("--resume", action="store_true")
+    common(run)
+
+    demo = sub.add_parser("demo", help="train and evaluate on MSD Hippocampus with 8 labels")
+    demo.add_argument(
+        "--data",
+        help="MSD Hippocampus folder (default: $SEMISUPSEG_DATA, the cache, or a download)",
+    )
+    demo.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    demo.add_argument("--iterations", type=int, help="training iterations (default 1500)")
+    demo.add_argument("--method", default="supervised", choices=METHODS)
+    common(demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
+    from SemiSupSegLib.backend.events import EventSink
+
+    events = EventSink(getattr(args, "events", None), quiet=getattr(args, "quiet", False))
+    try:
+        handler = {
+            "train": _train,
+            "predict": _predict,
+            "evaluate": _evaluate,
+            "run": _run_job,
+            "demo": _demo,
+        }[args.command]
+        handler(args, events)
+        events.emit("done", stage=args.command)
+        return EXIT_OK
+    except CancelledError as err:
+        if not any(e["event"] == "cancelled" for e in events.history):
+            events.emit("cancelled", stage=args.command, message=str(err))
+        return EXIT_CANCELLED
+    except (DataError, ConfigError, ProtocolError, FileNotFoundError) as err:
+        events.emit("error", stage=args.command, message=str(err), errors=[str(err)])
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        return EXIT_FAILED
+    except Exception as err:  # noqa: BLE001 - report every failure to the GUI, then exit non-zero
+        message = f"{type(err).__name__}: {err}"
+        events.emit("error", stage=args.command, message=message, errors=[traceback.format_exc()])
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        return EXIT_FAILED
+    finally:
+        events.close()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _train(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.config import TrainConfig, parse_setting
+    from SemiSupSegLib.backend.training import StopFlag, train
+
+    dataset = _load_training_data(args)
+    values = {"method": args.method, "device": args.device, "modality": dataset.modality}
+    for name, option in (("network", "network"), ("iterations", "iterations"), ("seed", "seed")):
+        if getattr(args, option) is not None:
+            values[name] = getattr(args, option)
+    if args.modality:
+        values["modality"] = args.modality
+    if args.spacing:
+        values["target_spacing"] = args.spacing
+    for text in args.set:
+        key, value = parse_setting(text)
+        values[key] = value
+    config = TrainConfig.from_dict(values).validate()
+    _validate(dataset, events, check_unlabeled=config.method != "supervised")
+    with StopFlag().installed() as stop:
+        train(dataset, config, args.out, events, stop, resume=args.resume, init_from=args.init_from)
+
+
+def _load_training_data(args: argparse.Namespace):
+    from SemiSupSegLib.backend.datasets import (
+        exclude_cases,
+        from_folders,
+        load_dataset,
+        read_case_list,
+        with_labeled_subset,
+    )
+    from SemiSupSegLib.backend.errors import ConfigError
+
+    if args.data:
+        dataset = load_dataset(Path(args.data))
+    elif args.images and args.labels:
+        dataset = from_folders(
+            Path(args.images), Path(args.labels), Path(args.unlabeled) if args.unlabeled else None
+        )
+    else:
+        raise ConfigError("give --data, or --images with --labels")
+    if args.exclude:
+        dataset = exclude_cases(dataset, read_case_list(Path(args.exclude)))
+    if args.labeled:
+        dataset = with_labeled_subset(dataset, read_case_list(Path(args.labeled)))
+    return dataset
+
+
+def _validate(dataset, events, check_unlabeled: bool) -> None:
+    from SemiSupSegLib.backend.validation import validate_dataset
+
+    events.emit(
+        "stage",
+        stage="validation",
+        message=f"checking {len(dataset.labeled)} labeled and "
+        f"{len(dataset.unlabeled) if check_unlabeled else 0} unlabeled case(s)",
+    )
+    for warning in validate_dataset(dataset, check_unlabeled=check_unlabeled):
+        events.warn(warning)
+
+
+def _predict(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.inference import Predictor, predict_cases
+    from SemiSupSegLib.backend.training import StopFlag
+
+    cases = input_cases([Path(p) for p in args.input])
+    predictor = Predictor.from_run(args.run, device=args.device)
+    with StopFlag().installed() as stop:
+        predict_cases(predictor, cases, args.out, args.mc_samples, events, stop)
+
+
+def input_cases(paths: List[Path]):
+    """Cases from image files, folders of images, and DICOM series folders."""
+    from SemiSupSegLib.backend.datasets import Case
+    from SemiSupSegLib.backend.errors import DataError
+
+    cases = []
+    for path in paths:
+        if path.is_file():
+            cases.append(Case(case_name_from_path(str(path)), path))
+        elif path.is_dir():
+            entries = sorted(path.iterdir())
+            images = [p for p in entries if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)]
+            series = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+            if not images and not series:
+                cases.append(Case(path.name, path))  # the folder itself is one DICOM series
+            else:
+                for item in images + series:
+                    cases.append(Case(case_name_from_path(str(item)), item))
+        else:
+            raise DataError(path, "no such file or folder")
+    names = [c.name for c in cases]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(None, f"duplicate case names in the inputs: {duplicates}")
+    return cases
+
+
+def _evaluate(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.metrics import evaluate_folders, format_summary
+
+    summary = evaluate_folders(Path(args.pred), Path(args.truth), Path(args.out))
+    print(format_summary(summary))
+
+
+def _run_job(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.jobs import run_job
+    from SemiSupSegLib.backend.training import StopFlag
+
+    with StopFlag().installed() as stop:
+        run_job(Path(args.job), events, stop, resume=args.resume)
+
+
+def _demo(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.demo import run_demo
+    from SemiSupSegLib.backend.training import StopFlag
+
+    with StopFlag().installed() as stop:
+        run_demo(
+            args.data,
+            Path(args.out),
+            events,
+            stop,
+            iterations=args.iterations,
+            method=args.method,
+            device=args.device,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

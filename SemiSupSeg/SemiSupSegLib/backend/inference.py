@@ -1,0 +1,238 @@
+"""Prediction: MONAI sliding-window inference with gaussian blending, a label map and a voxel-wise
+uncertainty map per case in the input's exact geometry, and a per-case score for review order.
+
+Uncertainty is the entropy of the predicted class distribution, in nats (0 .. ln C): the
+softmax entropy for one pass, or with ``mc_samples`` > 1 the mean entropy of Monte Carlo
+dropout passes. The case score is the mean uncertainty in a band of voxels around the
+predicted boundary, where errors concentrate; higher means review first.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from SemiSupSegLib.backend.checkpoint import load_checkpoint
+from SemiSupSegLib.backend.datasets import Case
+from SemiSupSegLib.backend.device import select_device
+from SemiSupSegLib.backend.errors import CancelledError
+from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.backend.networks import SegmentationNetwork, network_from_spec
+from SemiSupSegLib.backend.preprocessing import (
+    PreparedVolume,
+    prepare_volume,
+    resample_like,
+    xyz_to_zyx,
+)
+from SemiSupSegLib.backend.volumes import read_image, write_image
+from SemiSupSegLib.protocol import IMAGE_SUFFIXES
+
+UNCERTAINTY_FOLDER = "uncertainty"
+SCORES_NAME = "scores.csv"
+
+
+@dataclass
+class CasePrediction:
+    name: str
+    label: sitk.Image
+    uncertainty: sitk.Image
+    score: float
+    foreground_voxels: int
+
+
+def enable_mc_dropout(network: torch.nn.Module) -> int:
+    """Put dropout layers in training mode (everything else stays in eval); return how many."""
+    count = 0
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.train()
+            count += 1
+    return count
+
+
+def entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Entropy in nats along the class axis."""
+    return -(probabilities * torch.log(probabilities.clamp_min(1e-8))).sum(dim)
+
+
+def boundary_score(label: np.ndarray, uncertainty: np.ndarray, width: int = 2) -> float:
+    """Mean uncertainty within ``width`` voxels of the predicted boundary (whole volume if empty)."""
+    foreground = label > 0
+    if not foreground.any():
+        return float(uncertainty.mean())
+    band = ndimage.binary_dilation(foreground, iterations=width) & ~ndimage.binary_erosion(
+        foreground, iterations=width
+    )
+    return float(uncertainty[band].mean())
+
+
+class Predictor:
+    """A trained network plus the preprocessing it was trained with."""
+
+    def __init__(
+        self,
+        network: SegmentationNetwork,
+        classes: Dict[int, str],
+        preprocessing: Dict[str, Any],
+        device: torch.device,
+        overlap: float = 0.5,
+        sw_batch_size: int = 4,
+    ) -> None:
+        self.network = network.to(device).eval()
+        self.classes = classes
+        self.preprocessing = preprocessing
+        self.device = device
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+        self.roi_size = xyz_to_zyx(preprocessing["patch_size"])
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: str = "auto", **kwargs: Any) -> Predictor:
+        """Load ``model.pt`` (or ``checkpoint.pt``) from a run folder or a file path."""
+        state = load_checkpoint(run)
+        network = network_from_spec(state["model"]["spec"])
+        network.load_state_dict(state["model"]["state_dict"])
+        classes = {int(k): v for k, v in state["classes"].items()}
+        return cls(network, classes, state["preprocessing"], select_device(device), **kwargs)
+
+    def prepare(self, name: str, image: sitk.Image) -> PreparedVolume:
+        p = self.preprocessing
+        return prepare_volume(
+            name,
+            image,
+            None,
+            p["modality"],
+            p.get("target_spacing"),
+            tuple(p.get("ct_window", (-1000, 1000))),
+        )
+
+    @torch.no_grad()
+    def probabilities(self, volume: PreparedVolume, mc_samples: int = 1) -> tuple:
+        """Class probabilities (C, z, y, x) and uncertainty (z, y, x) on the working grid."""
+        image = torch.as_tensor(volume.image[None], device=self.device)
+        passes = []
+        self.network.eval()
+        if mc_samples > 1:
+            enable_mc_dropout(self.network)
+        for _ in range(max(1, mc_samples)):
+            logits = sliding_window_inference(
+                image,
+                self.roi_size,
+                self.sw_batch_size,
+                self.network,
+                overlap=self.overlap,
+                mode="gaussian",
+                padding_mode="constant",
+            )
+            passes.append(torch.softmax(logits.float(), dim=1)[0])
+        self.network.eval()
+        stacked = torch.stack(passes)
+        mean = stacked.mean(0)
+        uncertainty = entropy(stacked, dim=1).mean(0) if mc_samples > 1 else entropy(mean, dim=0)
+        return mean.cpu().numpy(), uncertainty.cpu().numpy()
+
+    def predict(self, name: str, image: sitk.Image, mc_samples: int = 1) -> CasePrediction:
+        """Predict one case; the label and uncertainty images have ``image``'s geometry."""
+        volume = self.prepare(name, image)
+        probs, uncertainty = self.probabilities(volume, mc_samples)
+        if volume.working.GetSize() != image.GetSize() or self.preprocessing.get("target_spacing"):
+            probs = np.stack([_resample_array(p, volume.working, image) for p in probs])
+            uncertainty = _resample_array(uncertainty, volume.working, image)
+        label = probs.argmax(0).astype(np.uint8)
+        uncertainty = np.clip(uncertainty, 0.0, None).astype(np.float32)
+        label_image = sitk.GetImageFromArray(label)
+        label_image.CopyInformation(image)
+        uncertainty_image = sitk.GetImageFromArray(uncertainty)
+        uncertainty_image.CopyInformation(image)
+        return CasePrediction(
+            name,
+            label_image,
+            uncertainty_image,
+            boundary_score(label, uncertainty),
+            int((label > 0).sum()),
+        )
+
+
+def _resample_array(array: np.ndarray, working: sitk.Image, original: sitk.Image) -> np.ndarray:
+    moving = sitk.GetImageFromArray(array.astype(np.float32))
+    moving.CopyInformation(working)
+    return sitk.GetArrayFromImage(resample_like(moving, original, is_label=False))
+
+
+def output_name(case: Case) -> str:
+    """The output file name: the case name with the input's extension (.nii.gz for DICOM)."""
+    source = str(case.image).lower()
+    for suffix in IMAGE_SUFFIXES:
+        if source.endswith(suffix):
+            return case.name + (
+                ".nrrd" if suffix == ".nhdr" else ".mha" if suffix == ".mhd" else suffix
+            )
+    return case.name + ".nii.gz"
+
+
+def predict_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    out_dir: str | Path,
+    mc_samples: int = 1,
+    events: Optional[EventSink] = None,
+    stop: Any = None,
+) -> List[Dict[str, Any]]:
+    """Predict every case into ``out_dir``: ``<case>.<ext>`` label maps, ``uncertainty/<case>.<ext>``
+    maps and ``scores.csv`` (most uncertain first). Returns the score rows."""
+    events = events or EventSink(quiet=True)
+    out_dir = Path(out_dir)
+    rows: List[Dict[str, Any]] = []
+    total = len(cases)
+    events.emit("stage", stage="prediction", iteration=0, total=total)
+    for index, case in enumerate(cases):
+        if stop is not None and stop.requested:
+            raise CancelledError(f"prediction cancelled after {index} of {total} cases")
+        image = read_image(case.image)
+        result = predictor.predict(case.name, image, mc_samples)
+        name = output_name(case)
+        label_path = out_dir / name
+        uncertainty_path = out_dir / UNCERTAINTY_FOLDER / name
+        write_image(result.label, label_path)
+        write_image(result.uncertainty, uncertainty_path)
+        rows.append(
+            {
+                "case": case.name,
+                "score": round(result.score, 6),
+                "foreground_voxels": result.foreground_voxels,
+                "label": str(label_path),
+                "uncertainty": str(uncertainty_path),
+                "image": str(case.image),
+            }
+        )
+        events.progress("prediction", index + 1, total, message=case.name)
+    rows.sort(key=lambda r: -r["score"])
+    scores_path = out_dir / SCORES_NAME
+    write_scores(rows, scores_path)
+    events.emit(
+        "output",
+        stage="prediction",
+        message=f"predicted {total} case(s) into {out_dir}",
+        outputs={"predictions": str(out_dir), "scores": str(scores_path)},
+    )
+    return rows
+
+
+def write_scores(rows: List[Dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fields = ["case", "score", "foreground_voxels", "label", "uncertainty", "image"]
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

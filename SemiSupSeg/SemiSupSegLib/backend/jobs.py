@@ -1,0 +1,69 @@
+"""Run a protocol v1 job: validate inputs, train, predict the unlabeled cases, report outputs.
+
+Output folder layout (paths in the final ``done``/``output`` events):
+``run/`` (model.pt, checkpoint.pt, config.json), ``predictions/<case>.<ext>`` label maps,
+``predictions/uncertainty/<case>.<ext>`` and ``predictions/scores.csv``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.datasets import Case, Dataset
+from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.protocol import JobSpec
+
+RUN_FOLDER = "run"
+PREDICTIONS_FOLDER = "predictions"
+
+
+def dataset_from_job(job: JobSpec) -> Dataset:
+    """The job's cases as a backend Dataset (paths already resolved)."""
+    return Dataset(
+        labeled=[Case(c.name, Path(c.image), Path(c.label)) for c in job.labeled],
+        unlabeled=[Case(c.name, Path(c.image)) for c in job.unlabeled],
+        classes={int(k): v for k, v in job.classes.items()},
+        modality=job.modality,
+    )
+
+
+def config_from_job(job: JobSpec) -> TrainConfig:
+    values: Dict[str, Any] = {"method": job.method, "device": job.device, "modality": job.modality}
+    values.update(job.settings)
+    return TrainConfig.from_dict(values).validate()
+
+
+def run_job(
+    job_path: Path, events: Optional[EventSink] = None, stop: Any = None, resume: bool = False
+) -> Dict[str, str]:
+    """Run ``job_path`` end to end; returns the output paths also sent as the last event."""
+    from SemiSupSegLib.backend.inference import Predictor, predict_cases
+    from SemiSupSegLib.backend.training import train
+    from SemiSupSegLib.backend.validation import validate_dataset
+
+    events = events or EventSink(quiet=True)
+    job = JobSpec.load(job_path).resolve(job_path.parent)
+    dataset = dataset_from_job(job)
+    config = config_from_job(job)
+    events.emit(
+        "stage",
+        stage="validation",
+        message=f"checking the {len(dataset.labeled)} labeled "
+        f"and {len(dataset.unlabeled)} unlabeled case(s) of {job_path}",
+    )
+    for warning in validate_dataset(dataset, check_unlabeled=True):
+        events.warn(warning)
+
+    output = Path(job.output)
+    run_dir = output / RUN_FOLDER
+    train(dataset, config, run_dir, events, stop, resume=resume, init_from=job.init_from)
+    outputs = {"model": str(run_dir / "model.pt"), "run": str(run_dir)}
+    if job.predict_unlabeled and dataset.unlabeled:
+        predictor = Predictor.from_run(run_dir, device=config.device)
+        predictions = output / PREDICTIONS_FOLDER
+        predict_cases(predictor, dataset.unlabeled, predictions, 1, events, stop)
+        outputs.update({"predictions": str(predictions), "scores": str(predictions / "scores.csv")})
+    events.emit("output", stage="job", message=f"job finished: {output}", outputs=outputs)
+    return outputs

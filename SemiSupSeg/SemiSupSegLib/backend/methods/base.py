@@ -1,0 +1,151 @@
+"""The interface every training method implements, and the pieces they share."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Type
+
+import torch
+from monai.losses import DiceCELoss
+from monai.optimizers import WarmupCosineSchedule
+from torch import nn
+
+from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.errors import ConfigError
+from SemiSupSegLib.backend.networks import SegmentationNetwork, create_network
+
+_REGISTRY: Dict[str, Type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[Type[Method]], Type[Method]]:
+    """Class decorator: make a method available to ``create_method(name, ...)``."""
+
+    def wrap(cls: Type[Method]) -> Type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list:
+    return sorted(_REGISTRY)
+
+
+def create_method(config: TrainConfig, num_classes: int, device: torch.device) -> Method:
+    """Instantiate the method ``config.method`` names."""
+    cls = _REGISTRY.get(config.method)
+    if cls is None:
+        raise ConfigError(
+            f"method {config.method!r} is not available in this version; available: {list_methods()}"
+        )
+    return cls(config, num_classes, device)
+
+
+@dataclass
+class StepResult:
+    """What one training step reports: named losses (floats) and other facts for progress."""
+
+    losses: Dict[str, float]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """A training method. The shared loop asks it, per iteration, how many labeled and
+    unlabeled patches it wants, hands it those, and checkpoints its ``state_dict``."""
+
+    name = "base"
+    uses_unlabeled = False
+
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
+        self.config = config
+        self.num_classes = num_classes
+        self.device = device
+        self.use_amp = bool(config.mixed_precision and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    # --- what the loop calls
+    def batch_composition(self, iteration: int) -> Tuple[int, int]:
+        """(labeled, unlabeled) patches wanted at ``iteration``."""
+        return self.config.batch_size, 0
+
+    def stage(self, iteration: int) -> str:
+        return "training"
+
+    def train_step(
+        self,
+        labeled: Dict[str, torch.Tensor],
+        unlabeled: Optional[Dict[str, torch.Tensor]],
+        iteration: int,
+    ) -> StepResult:
+        raise NotImplementedError
+
+    def deploy_network(self) -> SegmentationNetwork:
+        """The 3D network that ``predict`` uses."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def warm_start(self, network_state: Dict[str, torch.Tensor]) -> None:
+        """Start from a previous round's deployed weights (retraining after corrections)."""
+        self.deploy_network().load_state_dict(network_state)
+
+    # --- shared helpers
+    def build_network(self, dropout: Optional[float] = None) -> SegmentationNetwork:
+        c = self.config
+        network = create_network(
+            c.network,
+            self.num_classes,
+            feature_channels=c.feature_channels,
+            dropout=c.dropout if dropout is None else dropout,
+            **c.network_options,
+        )
+        return network.to(self.device)
+
+    def build_optimizer(
+        self, module: nn.Module, learning_rate: Optional[float] = None, total: Optional[int] = None
+    ) -> Tuple[torch.optim.Optimizer, WarmupCosineSchedule]:
+        """AdamW with a linear warm-up and one cosine cycle down to zero."""
+        c = self.config
+        optimizer = torch.optim.AdamW(
+            module.parameters(), lr=learning_rate or c.learning_rate, weight_decay=c.weight_decay
+        )
+        total = total or c.iterations
+        schedule = WarmupCosineSchedule(
+            optimizer, warmup_steps=max(1, int(c.warmup_fraction * total)), t_total=total
+        )
+        return optimizer, schedule
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def optimise(
+        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule: Any = None
+    ) -> None:
+        """Backward, (scaled) step, schedule step; gradients are clipped for stability."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 12.0)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if schedule is not None:
+            schedule.step()
+
+
+def segmentation_loss() -> DiceCELoss:
+    """Dice + cross-entropy; integer labels (N,1,...) or soft targets (N,C,...) alike."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+
+def soft_segmentation_loss() -> DiceCELoss:
+    """Dice + cross-entropy against soft pseudo-masks (probabilities, N,C,...)."""
+    return DiceCELoss(softmax=True, batch=True)

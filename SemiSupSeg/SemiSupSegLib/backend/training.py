@@ -1,0 +1,254 @@
+"""The training loop every method shares: data, schedule of checkpoints, progress, cancel, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+from monai.utils import set_determinism
+
+from SemiSupSegLib.backend.checkpoint import (
+    CHECKPOINT_NAME,
+    MODEL_NAME,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.data import BatchSource
+from SemiSupSegLib.backend.datasets import Dataset
+from SemiSupSegLib.backend.device import describe_device, select_device
+from SemiSupSegLib.backend.errors import CancelledError, ConfigError
+from SemiSupSegLib.backend.events import EventSink, RateEstimator
+from SemiSupSegLib.backend.methods import Method, create_method
+from SemiSupSegLib.backend.networks import network_divisor
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or by code); the loop checks it once per iteration."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name: Optional[str] = None
+
+    def request(self, reason: str = "request") -> None:
+        self.signal_name = reason
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    @contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """Route SIGINT and SIGTERM to this flag while the block runs (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda s, _f: self.request(signal.Signals(s).name))
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    seconds: float
+    final_losses: Dict[str, float]
+
+
+def adjust_patch_size(config: TrainConfig, events: EventSink) -> TrainConfig:
+    """Round the patch size up to what the network's down-sampling needs, and say so."""
+    divisor = network_divisor(config.network)
+    patch = tuple(int(-(-s // divisor) * divisor) for s in config.patch_size)
+    if patch != tuple(config.patch_size):
+        events.warn(
+            f"patch size {tuple(config.patch_size)} rounded up to {patch}: "
+            f"network {config.network!r} needs multiples of {divisor}"
+        )
+        config = config.with_setting("patch_size", list(patch))
+    return config
+
+
+def train(
+    dataset: Dataset,
+    config: TrainConfig,
+    run_dir: str | Path,
+    events: Optional[EventSink] = None,
+    stop: Optional[StopFlag] = None,
+    resume: bool = False,
+    init_from: Optional[str | Path] = None,
+) -> TrainResult:
+    """Train ``config.method`` on ``dataset`` into ``run_dir``.
+
+    Writes ``checkpoint.pt`` (resumable) every ``checkpoint_every`` iterations and at the end,
+    and ``model.pt`` (what ``predict`` loads). Raises CancelledError after saving a checkpoint
+    when ``stop`` is set (SIGINT/SIGTERM).
+    """
+    events = events or EventSink(quiet=True)
+    stop = stop or StopFlag()
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    state: Optional[Dict[str, Any]] = None
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        stored = TrainConfig.from_dict(state["config"])
+        if stored.method != config.method:
+            raise ConfigError(
+                f"--resume: {checkpoint_path} was trained with method {stored.method!r}, "
+                f"not {config.method!r}"
+            )
+        config = stored.with_setting("iterations", config.iterations or stored.iterations)
+        dataset_classes = {int(k): v for k, v in state["classes"].items()}
+        if dataset_classes != dataset.classes:
+            raise ConfigError(f"--resume: the classes differ from {checkpoint_path}'s")
+    config = adjust_patch_size(config.validate(), events)
+
+    device = select_device(config.device)
+    num_classes = max(dataset.classes) + 1
+    set_determinism(seed=config.seed)
+    method = create_method(config, num_classes, device)
+    if method.uses_unlabeled and not dataset.unlabeled:
+        raise ConfigError(
+            f"method {config.method!r} needs unlabeled images, and this dataset has none"
+        )
+
+    start = 0
+    if state is not None:
+        method.load_state_dict(state["method_state"])
+        restore_rng_state(state["rng"])
+        start = int(state["iteration"])
+        events.log(f"resuming {checkpoint_path} at iteration {start} of {config.iterations}")
+    elif init_from is not None:
+        previous = load_checkpoint(init_from)
+        method.warm_start(previous["model"]["state_dict"])
+        events.log(f"warm start from {init_from}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_files(run_dir, config, dataset)
+    events.emit(
+        "start",
+        stage="training",
+        message=(
+            f"training {config.method} ({config.network}) on {describe_device(device)}: "
+            f"{len(dataset.labeled)} labeled, {len(dataset.unlabeled)} unlabeled cases, "
+            f"{config.iterations} iterations"
+        ),
+        total=config.iterations,
+    )
+
+    source = BatchSource(
+        dataset.labeled,
+        dataset.unlabeled if method.uses_unlabeled else [],
+        config,
+        seed=config.seed * 1000 + start,
+    )
+
+    def payload(iteration: int) -> Dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "config": config.to_dict(),
+            "classes": {str(k): v for k, v in dataset.classes.items()},
+            "method_state": method.state_dict(),
+            "model": _model_entry(method),
+            "preprocessing": _preprocessing(config),
+            "rng": rng_state(),
+        }
+
+    rate = RateEstimator()
+    started = time.perf_counter()
+    losses: Dict[str, float] = {}
+    iteration = start
+    last_stage = None
+    for iteration in range(start, config.iterations):
+        if stop.requested:
+            save_checkpoint(checkpoint_path, payload(iteration))
+            events.emit(
+                "cancelled",
+                stage="training",
+                iteration=iteration,
+                total=config.iterations,
+                message=f"cancelled at iteration {iteration}; checkpoint saved, --resume continues",
+                outputs={"checkpoint": str(checkpoint_path)},
+            )
+            raise CancelledError(f"cancelled at iteration {iteration}")
+        stage = method.stage(iteration)
+        if stage != last_stage:
+            events.emit("stage", stage=stage, iteration=iteration, total=config.iterations)
+            last_stage = stage
+        n_labeled, n_unlabeled = method.batch_composition(iteration)
+        labeled = source.labeled(n_labeled)
+        unlabeled = source.unlabeled(n_unlabeled) if n_unlabeled else None
+        result = method.train_step(labeled, unlabeled, iteration)
+        losses = result.losses
+        rate.step()
+        done = iteration + 1
+        if done % config.log_every == 0 or done == config.iterations:
+            events.progress(
+                stage,
+                done,
+                config.iterations,
+                loss=losses,
+                eta=rate.eta(config.iterations - done),
+                metrics={k: v for k, v in result.info.items() if isinstance(v, (int, float))},
+            )
+        if (
+            config.checkpoint_every
+            and done % config.checkpoint_every == 0
+            and done < config.iterations
+        ):
+            save_checkpoint(checkpoint_path, payload(done))
+
+    final = payload(config.iterations)
+    save_checkpoint(checkpoint_path, final)
+    save_checkpoint(
+        run_dir / MODEL_NAME,
+        {k: final[k] for k in ("iteration", "config", "classes", "model", "preprocessing")},
+    )
+    seconds = time.perf_counter() - started
+    events.emit(
+        "output",
+        stage="training",
+        message=f"trained {config.iterations - start} iterations in {seconds:.0f} s; model: {run_dir / MODEL_NAME}",
+        outputs={"model": str(run_dir / MODEL_NAME), "checkpoint": str(checkpoint_path)},
+    )
+    return TrainResult(run_dir, config.iterations, seconds, losses)
+
+
+def _model_entry(method: Method) -> Dict[str, Any]:
+    network = method.deploy_network()
+    return {"spec": dict(network.spec), "state_dict": network.state_dict()}
+
+
+def _preprocessing(config: TrainConfig) -> Dict[str, Any]:
+    return {
+        "modality": config.modality,
+        "target_spacing": config.target_spacing,
+        "ct_window": config.ct_window,
+        "patch_size": config.patch_size,
+    }
+
+
+def _write_run_files(run_dir: Path, config: TrainConfig, dataset: Dataset) -> None:
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+    cases = {
+        "classes": {str(k): v for k, v in dataset.classes.items()},
+        "labeled": [
+            {"name": c.name, "image": str(c.image), "label": str(c.label)} for c in dataset.labeled
+        ],
+        "unlabeled": [{"name": c.name, "image": str(c.image)} for c in dataset.unlabeled],
+    }
+    (run_dir / "cases.json").write_text(json.dumps(cases, indent=2), encoding="utf-8")
