@@ -181,6 +181,7 @@ def _load_training_data(args: argparse.Namespace):
     from SemiSupSegLib.backend.datasets import (
         exclude_cases,
         from_folders,
+        infer_classes,
         load_dataset,
         read_case_list,
         with_labeled_subset,
@@ -195,6 +196,8 @@ def _load_training_data(args: argparse.Namespace):
         )
     else:
         raise ConfigError("give --data, or --images with --labels")
+    if dataset.classes is None:
+        dataset.classes = infer_classes(dataset)
     if args.exclude:
         dataset = exclude_cases(dataset, read_case_list(Path(args.exclude)))
     if args.labeled:

@@ -1,0 +1,202 @@
+"""Supervised training on real hippocampus cases: it learns, predicts in the input's geometry,
+and a cancelled run resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SemiSupSegLib.backend.checkpoint import load_checkpoint
+from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.datasets import Dataset, load_dataset
+from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.backend.inference import Predictor, predict_cases
+from SemiSupSegLib.backend.metrics import case_metrics
+from SemiSupSegLib.backend.splits import benchmark_split
+from SemiSupSegLib.backend.training import train
+from SemiSupSegLib.protocol import EXIT_CANCELLED, parse_event
+
+ITERATIONS = 160
+
+
+@pytest.fixture(scope="module")
+def hippocampus(hippocampus_dir):
+    full = load_dataset(hippocampus_dir)
+    split = benchmark_split([c.name for c in full.labeled])
+    by_name = {c.name: c for c in full.labeled}
+    return full, [by_name[n] for n in split.train], [by_name[n] for n in split.test]
+
+
+@pytest.fixture(scope="module")
+def trained_run(hippocampus, tmp_path_factory):
+    """A short supervised run on 8 real labeled cases, shared by the tests below."""
+    full, train_cases, _ = hippocampus
+    run = tmp_path_factory.mktemp("run")
+    events_path = run / "events.jsonl"
+    config = TrainConfig.from_dict(
+        {"iterations": ITERATIONS, "batch_size": 2, "log_every": 5, "learning_rate": 3e-3}
+    )
+    dataset = Dataset(train_cases[:8], [], full.classes, "MR")
+    sink = EventSink(str(events_path), quiet=True)
+    train(dataset, config, run, sink)
+    sink.close()
+    events = [parse_event(line) for line in events_path.read_text().splitlines()]
+    return run, events
+
+
+def test_loss_falls(trained_run):
+    _, events = trained_run
+    losses = [e["loss"]["loss"] for e in events if e["event"] == "progress"]
+    assert len(losses) == ITERATIONS // 5
+    early, late = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert late < 0.6 * early, (early, late)
+
+
+def test_dice_on_unseen_cases_above_chance(trained_run, hippocampus, tmp_path):
+    run, _ = trained_run
+    _, _, test_cases = hippocampus
+    cases = test_cases[:6]
+    predict_cases(Predictor.from_run(run), cases, tmp_path)
+    dice = []
+    for case in cases:
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{case.name}.nii.gz")))
+        truth_image = sitk.ReadImage(str(case.label))
+        truth = sitk.GetArrayFromImage(truth_image)
+        scores = case_metrics(pred, truth, truth_image.GetSpacing(), [1, 2])
+        dice.append(np.mean([scores[c]["dice"] for c in (1, 2)]))
+    # Chance level (a random or constant guess) is below 0.1 on these small structures.
+    assert np.mean(dice) > 0.5, dice
+
+
+def test_prediction_keeps_the_input_geometry(trained_run, hippocampus, tmp_path):
+    """A non-identity direction, anisotropic spacing and a shifted origin survive prediction,
+    also when the model resamples to a working spacing and back."""
+    run, _ = trained_run
+    _, _, test_cases = hippocampus
+    image = sitk.ReadImage(str(test_cases[0].image))
+    angle = math.radians(30)
+    image.SetDirection(
+        (math.cos(angle), -math.sin(angle), 0, math.sin(angle), math.cos(angle), 0, 0, 0, 1)
+    )
+    image.SetSpacing((0.8, 1.1, 1.4))
+    image.SetOrigin((12.5, -40.0, 7.25))
+    source = tmp_path / "tilted.nrrd"
+    sitk.WriteImage(image, str(source))
+
+    predictor = Predictor.from_run(run)
+    for target in (None, (1.0, 1.0, 1.0)):
+        predictor.preprocessing["target_spacing"] = target
+        out = tmp_path / f"out-{target}"
+        rows = predict_cases(predictor, [_case("tilted", source)], out)
+        for path in (out / "tilted.nrrd", out / "uncertainty" / "tilted.nrrd"):
+            result = sitk.ReadImage(str(path))
+            assert result.GetSize() == image.GetSize()
+            np.testing.assert_allclose(result.GetSpacing(), image.GetSpacing(), atol=1e-6)
+            np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-6)
+            np.testing.assert_allclose(result.GetDirection(), image.GetDirection(), atol=1e-6)
+        uncertainty = sitk.GetArrayFromImage(
+            sitk.ReadImage(str(out / "uncertainty" / "tilted.nrrd"))
+        )
+        assert uncertainty.min() >= 0 and uncertainty.max() <= math.log(3) + 1e-5
+        assert rows[0]["case"] == "tilted" and rows[0]["score"] > 0
+        assert (out / "scores.csv").read_text().startswith("case,score")
+
+
+def _case(name, path):
+    from SemiSupSegLib.backend.datasets import Case
+
+    return Case(name, Path(path))
+
+
+def test_cancel_then_resume_continues(hippocampus, hippocampus_dir, tmp_path):
+    """SIGINT stops at the next iteration with a checkpoint and exit code 130; --resume then
+    finishes the remaining iterations from that checkpoint."""
+    _, train_cases, _ = hippocampus
+    labeled = tmp_path / "labeled.txt"
+    labeled.write_text("\n".join(c.name for c in train_cases[:2]))
+    run, events_path = tmp_path / "run", tmp_path / "events.jsonl"
+    total = 60
+    command = [
+        sys.executable, "-m", "SemiSupSegLib.backend", "train", "--data", str(hippocampus_dir),
+        "--labeled", str(labeled), "--iterations", str(total), "--out", str(run),
+        "--events", str(events_path), "--quiet", "--device", "cpu",
+        "--set", "batch_size=1", "--set", "log_every=1", "--set", "checkpoint_every=0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if _last_iteration(events_path) >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "training ended before it could be cancelled"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == EXIT_CANCELLED
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stopped_at = load_checkpoint(run / "checkpoint.pt")["iteration"]
+    assert 2 <= stopped_at < total
+    assert not (run / "model.pt").exists()
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    events = [parse_event(line) for line in events_path.read_text().splitlines()]
+    assert events[-1]["event"] == "cancelled"
+
+    resumed = subprocess.run(
+        command + ["--resume"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == total
+    events = [parse_event(line) for line in events_path.read_text().splitlines()]
+    after = events[events.index(next(e for e in events if e["event"] == "cancelled")) + 1 :]
+    progress = [e["iteration"] for e in after if e["event"] == "progress"]
+    assert progress[0] == stopped_at + 1 and progress[-1] == total
+    assert any(f"at iteration {stopped_at}" in e.get("message", "") for e in after)
+
+
+def _last_iteration(events_path: Path) -> int:
+    if not events_path.exists():
+        return 0
+    last = 0
+    for line in events_path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line still being written
+        if event.get("event") == "progress":
+            last = event["iteration"]
+    return last
+
+
+def test_resume_refuses_another_method(trained_run, hippocampus):
+    from SemiSupSegLib.backend.errors import ConfigError
+
+    run, _ = trained_run
+    full, train_cases, _ = hippocampus
+    dataset = Dataset(train_cases[:2], train_cases[2:3], full.classes, "MR")
+    with pytest.raises(ConfigError, match="method"):
+        train(dataset, TrainConfig(method="mean-teacher"), run, resume=True)
+
+
+def test_asking_for_a_missing_gpu_is_a_clear_error():
+    import torch
+    from SemiSupSegLib.backend.device import select_device
+    from SemiSupSegLib.backend.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        select_device("cuda")
+    assert select_device("auto").type in ("cpu", "mps")

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""The benchmark every method is measured on, through the public command line.
+
+MSD Hippocampus (the 200 shared labeled cases), the fixed split of
+``SemiSupSegLib.backend.splits.benchmark_split`` (seed 0): 160 training and 40 test cases.
+Labeled subsets of 4, 8 and 16 training cases (nested); the other training cases are given to
+the semi-supervised methods as images only; the 40 test cases are excluded from training
+altogether (``--exclude``). Every method gets the same network and iteration budget.
+
+Each run is three subprocesses (train, predict, evaluate), so wall time and peak memory (of
+the training process, from ``os.wait4``) are measured per run. Results accumulate in
+``docs/benchmark-results.json``; ``docs/benchmarks.md`` and ``docs/benchmarks.png`` are
+regenerated from all results each time.
+
+    python scripts/benchmark.py --methods supervised --labels 4 8 16 160 --seeds 0
+    python scripts/benchmark.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "SemiSupSeg"))
+
+from SemiSupSegLib.backend.splits import benchmark_split  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
+RESULTS = ROOT / "docs" / "benchmark-results.json"
+REPORT = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "benchmarks.png"
+CLASS_NAMES = {"1": "Anterior", "2": "Posterior"}
+
+
+def run_command(command: list, log: Path) -> tuple:
+    """Run ``command``; return (exit status, seconds, peak resident memory in MiB)."""
+    started = time.perf_counter()
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write("$ " + shlex.join(command) + "\n")
+        handle.flush()
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def training_rate(events_path: Path) -> float | None:
+    """Iterations per second between the first and the last progress event of training."""
+    points = []
+    for line in events_path.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event.get("event") == "progress" and event.get("stage") != "prediction":
+            points.append((event["time"], event["iteration"]))
+    if len(points) < 2 or points[-1][0] <= points[0][0]:
+        return None
+    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+
+def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int) -> dict:
+    key = f"{method}-L{labels}-s{seed}-{args.network}-it{args.iterations}"
+    work = Path(args.work) / key
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    (work / "labeled.txt").write_text("\n".join(split.labeled(labels)) + "\n")
+    (work / "test.txt").write_text("\n".join(split.test) + "\n")
+    cli = [sys.executable, "-m", "SemiSupSegLib.backend"]
+    events = work / "events.jsonl"
+    if events.exists():
+        events.unlink()
+    train = cli + [
+        "train", "--data", str(args.data), "--labeled", str(work / "labeled.txt"),
+        "--exclude", str(work / "test.txt"), "--method", method, "--network", args.network,
+        "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
+        "--out", str(work / "run"), "--events", str(events), "--quiet",
+    ] + [x for s in args.set for x in ("--set", s)]  # fmt: skip
+    status, train_seconds, peak_mib = run_command(train, log)
+    if status != 0:
+        raise SystemExit(f"training failed ({status}); see {log}")
+    images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in split.test]
+    predict = cli + ["predict", "--run", str(work / "run"), "--input", *images,
+                     "--out", str(work / "predictions"), "--device", args.device, "--quiet"]  # fmt: skip
+    status, predict_seconds, _ = run_command(predict, log)
+    if status != 0:
+        raise SystemExit(f"prediction failed ({status}); see {log}")
+    evaluate = cli + ["evaluate", "--pred", str(work / "predictions"), "--truth", str(args.data),
+                      "--out", str(work / "evaluation")]  # fmt: skip
+    status, _, _ = run_command(evaluate, log)
+    if status != 0:
+        raise SystemExit(f"evaluation failed ({status}); see {log}")
+    summary = json.loads((work / "evaluation" / "summary.json").read_text())
+    return {
+        "key": key,
+        "method": method,
+        "labels": labels,
+        "seed": seed,
+        "network": args.network,
+        "iterations": args.iterations,
+        "settings": list(args.set),
+        "test_cases": len(split.test),
+        "train_seconds": round(train_seconds, 1),
+        "predict_seconds": round(predict_seconds, 1),
+        "iterations_per_second": training_rate(events),
+        "peak_memory_mib": round(peak_mib),
+        "summary": summary,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": shlex.join([sys.executable, "scripts/benchmark.py"] + sys.argv[1:]),
+    }
+
+
+def class_stat(summary: dict, value: str, metric: str) -> float | None:
+    """Mean of ``metric`` for class ``value`` from an evaluation summary.json."""
+    entry = summary["classes"][value][metric]
+    return entry["mean"] if isinstance(entry, dict) else entry
+
+
+def write_report(results: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["method"], r["labels"], r["network"], r["iterations"]), []).append(r)
+
+    def cell(values: list, digits: int) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+    lines = [
+        "# Benchmarks",
+        "",
+        "MSD Hippocampus (200 shared labeled cases), fixed split (seed 0): 160 training and 40",
+        "test cases. Labeled subsets of 4, 8 and 16 training cases (nested); the other training",
+        "cases are unlabeled images for the semi-supervised methods; the test cases are never",
+        "used for training. Same 3D network and iteration budget for every method. Metrics on",
+        "the 40 test cases by `semisupseg evaluate` (MONAI metrics; HD95 and ASD in mm); mean",
+        "over cases, then mean ± std over seeds where there are several. Machine: 2 CPU cores,",
+        "no GPU (shared, so times are indicative; compare within one table).",
+        "",
+        "| method | labeled | seeds | Dice Ant. | Dice Post. | IoU Ant. | IoU Post. | HD95 Ant. (mm) | HD95 Post. (mm) | ASD Ant. (mm) | ASD Post. (mm) | train s | it/s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, labels, _network, _its), runs in sorted(groups.items()):
+        stats = []
+        for metric, digits in (("dice", 3), ("iou", 3), ("hd95_mm", 2), ("asd_mm", 2)):
+            for value in CLASS_NAMES:
+                stats.append(cell([class_stat(r["summary"], value, metric) for r in runs], digits))
+        lines.append(
+            f"| {method} | {labels} | {len(runs)} | " + " | ".join(stats) + " | "
+            + cell([r["train_seconds"] for r in runs], 0) + " | "
+            + cell([r["iterations_per_second"] for r in runs], 2) + " | "
+            + cell([r["peak_memory_mib"] for r in runs], 0) + " |"
+        )  # fmt: skip
+    networks = sorted({(r["network"], r["iterations"]) for r in results})
+    lines += [
+        "",
+        "Network and budget: "
+        + "; ".join(f"`{n}`, {i} iterations" for n, i in networks)
+        + ". CPU defaults otherwise (see `TrainConfig`).",
+        "",
+        "![Dice against the number of labeled cases](benchmarks.png)",
+        "",
+        "Reproduce (each line as it was run; results accumulate in docs/benchmark-results.json):",
+        "",
+        "```",
+    ]
+    lines += sorted({r["command"].replace(sys.executable, "python") for r in results})
+    lines += ["```", ""]
+    REPORT.write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({m for m, *_ in groups}):
+        points = sorted(
+            (labels, np.mean([np.mean([class_stat(r["summary"], v, "dice") for v in CLASS_NAMES]) for r in runs]))
+            for (m, labels, *_), runs in groups.items()
+            if m == method
+        )  # fmt: skip
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labeled training cases")
+    ax.set_ylabel("mean foreground Dice (40 test cases)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=100)
+
+
+def save_result(result: dict) -> list:
+    """Add (or replace) one result in the results file under a lock: several benchmark
+    processes may run at once."""
+    import fcntl
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        results = [r for r in results if r["key"] != result["key"]] + [result]
+        tmp = RESULTS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, RESULTS)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default=os.environ.get("SEMISUPSEG_DATA", str(DEFAULT_DATA)))
+    parser.add_argument("--methods", nargs="+", default=["supervised"])
+    parser.add_argument("--labels", nargs="+", type=int, default=[4, 8, 16])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--network", default="unet")
+    parser.add_argument("--iterations", type=int, default=1500)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--set", action="append", default=[], help="extra training setting NAME=VALUE"
+    )
+    parser.add_argument("--work", default=str(ROOT / "benchmark-runs"))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    if not args.report_only:
+        names = sorted(
+            p.name[: -len(".nii.gz")] for p in (Path(args.data) / "labelsTr").glob("*.nii.gz")
+        )
+        split = benchmark_split(names)
+        for seed in args.seeds:
+            for method in args.methods:
+                for labels in args.labels:
+                    print(f"benchmark: {method}, {labels} labeled, seed {seed}", flush=True)
+                    result = run_one(args, split, method, labels, seed)
+                    results = save_result(result)
+                    dice = [class_stat(result["summary"], v, "dice") for v in CLASS_NAMES]
+                    print(f"  Dice {dice}, {result['train_seconds']} s", flush=True)
+                    write_report(results)
+    write_report(results)
+    print(f"wrote {REPORT}")
+
+
+if __name__ == "__main__":
+    main()
