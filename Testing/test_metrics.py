@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.metrics import case_metrics, evaluate_folders, format_summary
 

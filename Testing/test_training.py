@@ -192,6 +192,7 @@ def test_resume_refuses_another_method(trained_run, hippocampus):
 
 def test_asking_for_a_missing_gpu_is_a_clear_error():
     import torch
+
     from SemiSupSegLib.backend.device import select_device
     from SemiSupSegLib.backend.errors import ConfigError
 

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from SemiSupSegLib.backend.datasets import Case, Dataset, exclude_cases, load_dataset
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.validation import validate_dataset, validate_image, validate_pair

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.volumes import (
     Geometry,
