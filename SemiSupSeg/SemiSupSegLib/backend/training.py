@@ -204,6 +204,7 @@ def train(
                 loss=losses,
                 eta=rate.eta(config.iterations - done),
                 metrics={k: v for k, v in result.info.items() if isinstance(v, (int, float))},
+                message=result.info.get("message"),
             )
         if (
             config.checkpoint_every

@@ -45,7 +45,12 @@ def create_method(config: TrainConfig, num_classes: int, device: torch.device) -
 
 @dataclass
 class StepResult:
-    """What one training step reports: named losses (floats) and other facts for progress."""
+    """What one training step reports: named losses (floats) and other facts for progress.
+
+    Numeric ``info`` values go to the progress event's ``metrics`` (e.g. the labeled and
+    unlabeled counts of the batch, the share of reliable voxels); ``info["message"]`` (text)
+    becomes its message (e.g. which model is learning).
+    """
 
     losses: Dict[str, float]
     info: Dict[str, Any] = field(default_factory=dict)
