@@ -1,0 +1,305 @@
+"""Which of the backend's Python packages are missing, and how to install them safely.
+
+The check runs a small probe in the Python that will run the backend (Slicer's own
+``PythonSlicer`` or an external environment), as a child process, so torch is never imported
+into Slicer by this module and the GUI does not wait for it. The probe also reports the GPU.
+
+Installing happens only after the user agreed, on the main thread (``installInSlicer``):
+torch through the PyTorch extension (``PyTorchUtils``) when it is there, the rest with pip,
+always with a constraints file that pins the numpy and SimpleITK Slicer already has (and the
+torch just installed), so Slicer's own packages are never replaced. VTK is Slicer's own build
+and is never installed from pip. For an external Python nothing is installed: the user gets the
+command to run in that environment.
+"""
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+PROBE_MARKER = "SEMISUPSEG-PROBE "
+# Never installed or upgraded by this module: Slicer builds and ships them.
+SLICER_OWNED = ("numpy", "SimpleITK", "vtk")
+PROBED_PACKAGES = ("torch", "monai", "timm", "numpy", "SimpleITK", "scipy")
+DEFAULT_REQUIREMENTS = ("torch>=2.1", "monai>=1.4", "timm>=1.0")
+
+PROBE_CODE = r"""
+import json, sys
+out = {"python": sys.executable, "version": sys.version.split()[0], "packages": {}}
+try:
+    from importlib import metadata
+except ImportError:
+    metadata = None
+import importlib.util
+for name in __PACKAGES__:
+    version = None
+    if metadata is not None:
+        try:
+            version = metadata.version(name)
+        except Exception:
+            version = None
+    if version is None and importlib.util.find_spec(name) is not None:
+        version = "present"
+    out["packages"][name] = version
+try:
+    import torch
+    info = {"installed": True, "version": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_devices": [], "mps": False}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            info["cuda_devices"].append({"name": p.name,
+                                         "memory_gb": round(p.total_memory / 2**30, 1)})
+    mps = getattr(torch.backends, "mps", None)
+    info["mps"] = bool(mps is not None and mps.is_available())
+except Exception as err:
+    info = {"installed": False, "error": "{}: {}".format(type(err).__name__, err)}
+out["torch"] = info
+print(__MARKER__ + json.dumps(out), flush=True)
+""".replace("__PACKAGES__", repr(PROBED_PACKAGES)).replace("__MARKER__", repr(PROBE_MARKER))
+
+
+def readRequirements(path=None) -> List[str]:
+    """Requirement lines of ``requirements.txt`` (comments and blanks dropped)."""
+    if path is None or not Path(path).exists():
+        return list(DEFAULT_REQUIREMENTS)
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(.*)$")
+
+
+def requirementName(requirement: str) -> str:
+    match = _REQUIREMENT.match(requirement)
+    if not match:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return match.group(1)
+
+
+def _versionTuple(text: str) -> Tuple[int, ...]:
+    numbers = []
+    for part in re.split(r"[.+-]", text):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+def satisfies(installed: Optional[str], requirement: str) -> bool:
+    """Whether an installed version meets ``requirement`` (>=, >, ==, <, <=; commas = and)."""
+    if installed is None:
+        return False
+    if installed == "present":
+        return True
+    match = _REQUIREMENT.match(requirement)
+    spec = match.group(2) if match else ""
+    have = _versionTuple(installed)
+    for clause in [c.strip() for c in spec.split(",") if c.strip()]:
+        op = re.match(r"(>=|<=|==|!=|~=|>|<)\s*(.+)", clause)
+        if not op:
+            continue
+        want = _versionTuple(op.group(2))
+        width = max(len(have), len(want))
+        a = have + (0,) * (width - len(have))
+        b = want + (0,) * (width - len(want))
+        ok = {
+            ">=": a >= b,
+            "~=": a >= b,
+            ">": a > b,
+            "<=": a <= b,
+            "<": a < b,
+            "==": a == b,
+            "!=": a != b,
+        }[op.group(1)]
+        if not ok:
+            return False
+    return True
+
+
+@dataclass
+class ProbeResult:
+    """What the probe found in one Python."""
+
+    python: str = ""
+    version: str = ""
+    packages: Dict[str, Optional[str]] = field(default_factory=dict)
+    torch: Dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    def missing(self, requirements: Sequence[str]) -> List[str]:
+        """Requirements not met (absent, or too old)."""
+        return [r for r in requirements if not satisfies(self.installed(r), r)]
+
+    def installed(self, requirement: str) -> Optional[str]:
+        name = requirementName(requirement)
+        for key, value in self.packages.items():
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def asDict(self) -> Dict[str, Any]:
+        return {
+            "python": self.python,
+            "version": self.version,
+            "packages": self.packages,
+            "torch": self.torch,
+            "error": self.error,
+        }
+
+
+def probeCommand(python: str) -> List[str]:
+    return [str(python), "-c", PROBE_CODE]
+
+
+def parseProbeOutput(lines: Sequence[str], stderr: str = "", returncode: int = 0) -> ProbeResult:
+    """The probe's report from its stdout lines; ``error`` says why when there is none."""
+    for line in lines:
+        if line.startswith(PROBE_MARKER):
+            try:
+                data = json.loads(line[len(PROBE_MARKER) :])
+            except json.JSONDecodeError:
+                break
+            return ProbeResult(
+                python=data.get("python", ""),
+                version=data.get("version", ""),
+                packages=dict(data.get("packages") or {}),
+                torch=dict(data.get("torch") or {}),
+            )
+    tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    return ProbeResult(
+        error=f"the Python could not be run or did not answer (exit code {returncode})"
+        + (f": {tail}" if tail else "")
+    )
+
+
+def summary(result: ProbeResult, requirements: Sequence[str]) -> str:
+    """One line for the panel: what is missing, or that everything is there."""
+    if result.error:
+        return f"Check failed: {result.error}"
+    missing = result.missing(requirements)
+    where = f"Python {result.version}"
+    if not missing:
+        versions = ", ".join(f"{requirementName(r)} {result.installed(r)}" for r in requirements)
+        return f"{where}: all set ({versions})"
+    return f"{where}: missing {', '.join(missing)}"
+
+
+@dataclass
+class InstallPlan:
+    """What will be installed, and how, in Slicer's own Python."""
+
+    torchRequirement: Optional[str] = None
+    torchViaPyTorchUtils: bool = False
+    pipRequirements: List[str] = field(default_factory=list)
+    constraints: List[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.torchRequirement and not self.pipRequirements
+
+    def description(self) -> str:
+        parts = []
+        if self.torchRequirement:
+            how = "the PyTorch extension" if self.torchViaPyTorchUtils else "pip"
+            parts.append(f"{self.torchRequirement} (through {how})")
+        parts.extend(self.pipRequirements)
+        owned = [s.lower() for s in SLICER_OWNED]
+        kept = ", ".join(
+            c.split("==")[0] for c in self.constraints if c.split("==")[0].lower() in owned
+        )
+        text = "SemiSupSeg will install into Slicer's Python: " + ", ".join(parts) + "."
+        if kept:
+            text += f" Slicer's own {kept} stay as they are."
+        return text + " This can take several minutes and needs internet access."
+
+
+def planInstall(
+    missing: Sequence[str], packages: Dict[str, Optional[str]], pyTorchUtilsAvailable: bool
+) -> InstallPlan:
+    """Split the missing requirements into torch (extension or pip) and the rest (pip)."""
+    plan = InstallPlan()
+    for requirement in missing:
+        name = requirementName(requirement)
+        if name.lower() in (s.lower() for s in SLICER_OWNED):
+            continue  # never replace Slicer's own packages
+        if name.lower() == "torch":
+            plan.torchRequirement = requirement
+            plan.torchViaPyTorchUtils = pyTorchUtilsAvailable
+        else:
+            plan.pipRequirements.append(requirement)
+    plan.constraints = constraintsFor(packages)
+    return plan
+
+
+def constraintsFor(packages: Dict[str, Optional[str]]) -> List[str]:
+    """Pins for Slicer's own packages (and torch once installed) so pip cannot replace them."""
+    pins = []
+    for name in SLICER_OWNED + ("torch",):
+        version = next((v for k, v in packages.items() if k.lower() == name.lower()), None)
+        if version and version != "present":
+            pins.append(f"{name}=={version}")
+    return pins
+
+
+def writeConstraints(pins: Sequence[str], folder=None) -> Path:
+    folder = Path(folder or tempfile.mkdtemp(prefix="SemiSupSeg-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "constraints.txt"
+    path.write_text("\n".join(pins) + "\n", encoding="utf-8")
+    return path
+
+
+def externalInstallCommand(python: str, missing: Sequence[str]) -> str:
+    """The command a user runs to complete an external environment."""
+    quoted = " ".join(f'"{r}"' for r in missing)
+    return f'"{python}" -m pip install {quoted}'
+
+
+def installedVersions(names: Sequence[str] = PROBED_PACKAGES) -> Dict[str, Optional[str]]:
+    """Versions in *this* Python from package metadata (nothing is imported)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def installInSlicer(plan: InstallPlan, requester: str = "SemiSupSeg") -> None:  # pragma: no cover
+    """Run the plan in Slicer's Python. Main thread only, after the user agreed.
+
+    torch: ``PyTorchUtils.PyTorchUtilsLogic().installTorch`` when the PyTorch extension is
+    installed (it picks the CUDA build matching the driver), else pip. Then the other packages
+    with pip, constrained so that numpy, SimpleITK and the new torch stay as they are.
+    """
+    import slicer
+
+    if plan.torchRequirement:
+        if plan.torchViaPyTorchUtils:
+            import PyTorchUtils
+
+            version = plan.torchRequirement[len(requirementName(plan.torchRequirement)) :]
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=version or None
+            )
+            if torch is None:
+                raise RuntimeError("PyTorch was not installed (the PyTorch extension declined)")
+        else:
+            path = writeConstraints(plan.constraints)
+            slicer.util.pip_install([plan.torchRequirement, "-c", str(path)])
+    if plan.pipRequirements:
+        pins = {c.split("==")[0].lower(): c for c in plan.constraints}
+        for pin in constraintsFor(installedVersions(SLICER_OWNED + ("torch",))):
+            pins[pin.split("==")[0].lower()] = pin  # what is installed now wins
+        path = writeConstraints(sorted(pins.values()))
+        slicer.util.pip_install(list(plan.pipRequirements) + ["-c", str(path)])

@@ -1,0 +1,235 @@
+"""What the user sees of a running job: the backend's events folded into a progress model.
+
+Plain Python (no Slicer, no Qt): the widget reads ``percent``, ``statusText()`` and the new log
+lines after each poll; tests feed it event lines directly.
+"""
+
+import collections
+import time
+from typing import Any, Deque, Dict, List, Optional
+
+from SemiSupSegLib.protocol import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    ProtocolError,
+    parse_event,
+)
+
+MAX_LOG_LINES = 2000
+MAX_LINE_LENGTH = 2000
+
+STAGE_TITLES = {
+    "validation": "Checking data",
+    "training": "Training",
+    "warmup": "Warm-up",
+    "warm-up": "Warm-up",
+    "co-training": "Co-training",
+    "prediction": "Predicting",
+    "job": "Finishing",
+    "run": "Finished",
+}
+
+
+def formatSeconds(seconds: float) -> str:
+    """A short duration: 45s, 3m05s, 1h02m."""
+    seconds = int(max(0, round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def stageTitle(stage: str) -> str:
+    if not stage:
+        return ""
+    return STAGE_TITLES.get(stage, stage.replace("_", " ").capitalize())
+
+
+def describeEvent(event: Dict[str, Any]) -> Optional[str]:
+    """One log line for an event, or None for events that only move the progress bar."""
+    kind = event.get("event")
+    message = event.get("message")
+    stage = event.get("stage", "")
+    if kind == "progress":
+        return None
+    if kind == "warning":
+        return f"Warning: {message}"
+    if kind == "error":
+        return f"Error: {message}"
+    if kind == "cancelled":
+        return f"Cancelled: {message}" if message else "Cancelled"
+    if kind == "done":
+        return "Done."
+    if kind == "output" and not message:
+        outputs = event.get("outputs") or {}
+        return "Wrote " + ", ".join(f"{k}: {v}" for k, v in outputs.items())
+    if kind == "stage" and not message:
+        total = event.get("total")
+        suffix = f" {total} steps" if total else ""
+        return f"[{stageTitle(stage)}]{suffix}"
+    if message:
+        return f"[{stageTitle(stage)}] {message}" if stage else str(message)
+    return None
+
+
+class ProgressModel:
+    """Progress of one backend job: stage, iteration of total, losses, time left, log, outcome."""
+
+    def __init__(self, maxLogLines: int = MAX_LOG_LINES) -> None:
+        self.stage = ""
+        self.iteration = 0
+        self.total = 0
+        self.losses: Dict[str, float] = {}
+        self.eta: Optional[float] = None
+        self.message = ""
+        self.log: Deque[str] = collections.deque(maxlen=maxLogLines)
+        self._newLog: List[str] = []
+        self._maxLogLines = maxLogLines
+        self.warnings: List[str] = []
+        self.errorText: Optional[str] = None
+        self.errorDetails: List[str] = []
+        self.outputs: Dict[str, str] = {}
+        self.events: int = 0
+        self.returncode: Optional[int] = None
+        self.finished = False
+        self.succeeded = False
+        self.cancelled = False
+        self.startTime = time.time()
+        self.endTime: Optional[float] = None
+
+    # ------------------------------------------------------------------ input
+
+    def feedLine(self, line: str) -> Optional[Dict[str, Any]]:
+        """Take one line of the backend's stdout; a non-event line goes to the log as it is."""
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            return None
+        try:
+            event = parse_event(line)
+        except ProtocolError:
+            self.addLog(line)
+            return None
+        self.feedEvent(event)
+        return event
+
+    def feedEvent(self, event: Dict[str, Any]) -> None:
+        self.events += 1
+        kind = event.get("event")
+        if event.get("stage") and kind in ("start", "stage", "progress"):
+            if event["stage"] != self.stage:
+                self.eta = None
+            self.stage = event["stage"]
+        if kind in ("start", "stage", "progress"):
+            if "total" in event:
+                self.total = int(event["total"])
+            if "iteration" in event:
+                self.iteration = int(event["iteration"])
+        if kind == "progress":
+            if isinstance(event.get("loss"), dict):
+                self.losses = {
+                    k: float(v) for k, v in event["loss"].items() if isinstance(v, (int, float))
+                }
+            self.eta = event.get("eta")
+        if event.get("message") and kind in ("start", "stage", "progress", "log"):
+            self.message = str(event["message"])
+        if kind == "warning":
+            self.warnings.append(str(event.get("message", "")))
+        if kind == "error":
+            self.errorText = str(event.get("message", "the backend reported an error"))
+            self.errorDetails = [str(e) for e in event.get("errors") or []]
+        if kind == "output" and isinstance(event.get("outputs"), dict):
+            self.outputs.update({k: str(v) for k, v in event["outputs"].items()})
+        if kind == "cancelled":
+            self.cancelled = True
+        line = describeEvent(event)
+        if line:
+            self.addLog(line)
+
+    def addLog(self, line: str) -> None:
+        if len(line) > MAX_LINE_LENGTH:
+            line = line[:MAX_LINE_LENGTH] + " [...]"
+        self.log.append(line)
+        self._newLog.append(line)
+        if len(self._newLog) > self._maxLogLines:
+            del self._newLog[: len(self._newLog) - self._maxLogLines]
+
+    def finish(self, returncode: int, stderrTail: str = "") -> None:
+        """Record the process's exit; a failure without an error event shows stderr instead."""
+        self.returncode = returncode
+        self.finished = True
+        self.endTime = time.time()
+        if returncode == EXIT_OK:
+            self.succeeded = True
+            self.errorText = None
+            self.addLog(f"Job finished in {formatSeconds(self.endTime - self.startTime)}.")
+            return
+        if returncode == EXIT_CANCELLED or self.cancelled:
+            self.cancelled = True
+            self.addLog("Job cancelled.")
+            return
+        if self.errorText is None:
+            tail = stderrTail.strip()
+            if returncode == EXIT_FAILED:
+                what = "the backend failed"
+            elif returncode < 0:
+                what = f"the backend was stopped by signal {-returncode}"
+            else:
+                what = f"the backend exited with code {returncode}"
+            self.errorText = f"{what}: {tail.splitlines()[-1]}" if tail else what
+            if tail:
+                self.errorDetails = [tail]
+        self.addLog(f"Job failed: {self.errorText}")
+
+    def markCancelled(self) -> None:
+        self.cancelled = True
+
+    # ----------------------------------------------------------------- output
+
+    def takeNewLogLines(self) -> List[str]:
+        """Log lines added since the last call (for appending to a log pane)."""
+        lines, self._newLog = self._newLog, []
+        return lines
+
+    @property
+    def failed(self) -> bool:
+        return self.finished and not self.succeeded and not self.cancelled
+
+    @property
+    def percent(self) -> int:
+        """Progress of the current stage, 0..100."""
+        if self.succeeded:
+            return 100
+        if self.total <= 0:
+            return 0
+        return max(0, min(100, int(round(100.0 * self.iteration / self.total))))
+
+    def lossText(self) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in self.losses.items())
+
+    def etaText(self) -> str:
+        if self.eta is None:
+            return ""
+        return f"{formatSeconds(self.eta)} left"
+
+    def statusText(self) -> str:
+        """One line: what is happening now, e.g. 'Training 120/1500 · loss 0.4321 · 2m10s left'."""
+        if self.finished:
+            if self.succeeded:
+                return "Finished"
+            if self.cancelled:
+                return "Cancelled"
+            return f"Failed: {self.errorText}"
+        if not self.stage:
+            return "Starting the backend..."
+        parts = [stageTitle(self.stage)]
+        if self.total:
+            parts[0] += f" {self.iteration}/{self.total}"
+        loss = self.lossText()
+        if loss:
+            parts.append(loss)
+        eta = self.etaText()
+        if eta:
+            parts.append(eta)
+        return " · ".join(parts)

@@ -1,0 +1,191 @@
+"""Scene -> job folder with real MRML nodes (slicer-core): volumes and segmentations written
+through storage nodes, label values following segment names, class mismatch messages naming
+the case, unlabeled volumes from the scene or a folder, and the scene left as it was."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from SemiSupSegLib import mrml_io
+from SemiSupSegLib.job_export import (
+    ClassMismatchError,
+    ExportError,
+    JobExporter,
+    LabeledPair,
+    checkClassNames,
+    imagesInFolder,
+    sanitizeCaseName,
+    uniqueName,
+)
+from SemiSupSegLib.protocol import JobSpec
+from SemiSupSegLib.training_options import (
+    ENCODER_SETTING,
+    OptionsError,
+    TrainingOptions,
+    parseExtraSettings,
+)
+from slicer_side_helpers import (
+    CLASS_NAMES,
+    hippocampusCase,
+    labelArray,
+    newScene,
+    nodeIds,
+    segmentationFromLabelFile,
+)
+
+# ------------------------------------------------------------------ plain Python parts
+
+
+def test_class_names_follow_the_first_case_and_must_match():
+    assert checkClassNames(
+        [("a", ["Anterior", "Posterior"]), ("b", ["Posterior", "Anterior"])]
+    ) == [
+        "Anterior",
+        "Posterior",
+    ]
+    with pytest.raises(ClassMismatchError) as err:
+        checkClassNames(
+            [("case1", ["Anterior", "Posterior"]), ("case2", ["Anterior", "posterior"])]
+        )
+    message = str(err.value)
+    assert "'case2'" in message and "'case1'" in message
+    assert "lacks ['Posterior']" in message and "['posterior'] in addition" in message
+    with pytest.raises(ClassMismatchError, match="'c' has several segments named"):
+        checkClassNames([("c", ["A", "A"])])
+    with pytest.raises(ClassMismatchError, match="'d' has no segments"):
+        checkClassNames([("d", [])])
+    with pytest.raises(ExportError, match="no labeled cases"):
+        checkClassNames([])
+
+
+def test_case_names_are_file_safe_and_unique(tmp_path):
+    assert sanitizeCaseName("MR Head (1)") == "MR_Head_1"
+    assert sanitizeCaseName("  ") == "case"
+    taken = {"a"}
+    assert uniqueName("a", taken) == "a_2"
+    assert uniqueName("A", taken) == "A_3"  # case-insensitive: Windows and macOS file systems
+    for name in ("b.nii.gz", "a.nrrd", "notes.txt", ".hidden.nrrd"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in imagesInFolder(tmp_path)] == ["a.nrrd", "b.nii.gz"]
+    with pytest.raises(ExportError, match="no such folder"):
+        imagesInFolder(tmp_path / "missing")
+
+
+def test_training_options_to_settings():
+    options = TrainingOptions(method="mn+em", preset="quick", network="segresnet")
+    assert options.validate().settings() == {
+        "iterations": 300,
+        "network": "segresnet",
+        ENCODER_SETTING: "mobilenetv2_100",
+    }
+    custom = TrainingOptions(
+        method="supervised", preset="custom", iterations=7, extraSettings={"batch_size": 1}
+    )
+    assert custom.settings() == {"iterations": 7, "network": "unet", "batch_size": 1}
+    with pytest.raises(OptionsError, match="device"):
+        TrainingOptions(device="tpu").validate()
+    assert parseExtraSettings("batch_size=2, patch_size=[32,32,16]; name=abc\nflag=true") == {
+        "batch_size": 2,
+        "patch_size": [32, 32, 16],
+        "name": "abc",
+        "flag": True,
+    }
+    with pytest.raises(OptionsError, match="expected name=value"):
+        parseExtraSettings("batch_size")
+
+
+# ---------------------------------------------------------------- real MRML scene
+
+
+@pytest.fixture
+def scene_with_cases():
+    scene = newScene()
+    pairs = []
+    for number, order in (("001", None), ("003", [1, 0])):  # second case: segments reversed
+        image, label = hippocampusCase(number)
+        volume = mrml_io.readVolumeNode(scene, image, f"hippo {number}")
+        segmentation = segmentationFromLabelFile(
+            scene, label, volume, f"hippo {number} segmentation", order=order
+        )
+        pairs.append(LabeledPair(volume, segmentation))
+    unlabeled = mrml_io.readVolumeNode(scene, hippocampusCase("004")[0], "hippo 004")
+    return scene, pairs, unlabeled
+
+
+def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scene_with_cases):
+    scene, pairs, unlabeled = scene_with_cases
+    assert mrml_io.segmentNames(pairs[1].labels) == ["Posterior", "Anterior"]
+    folder = tmp_path / "more"
+    folder.mkdir()
+    shutil.copy(hippocampusCase("006")[0], folder / "extra_case.nii.gz")
+    before = nodeIds(scene)
+    modified = [pair.labels.GetMTime() for pair in pairs]
+    exporter = JobExporter(scene, tmp_path / "job")
+    job, table = exporter.export(
+        pairs,
+        [unlabeled],
+        str(folder),
+        TrainingOptions(method="supervised", preset="custom", iterations=3),
+    )
+    assert nodeIds(scene) == before  # temporary labelmap nodes were removed again
+    assert [pair.labels.GetMTime() for pair in pairs] == modified
+    assert table.names == list(CLASS_NAMES)
+    assert set(table.colours) == set(CLASS_NAMES)
+
+    loaded = JobSpec.load(tmp_path / "job" / "job.json")
+    assert loaded.classes == {"0": "background", "1": "Anterior", "2": "Posterior"}
+    assert [c.name for c in loaded.labeled] == ["hippo_001", "hippo_003"]
+    assert [c.name for c in loaded.unlabeled] == ["hippo_004", "extra_case"]
+    assert loaded.unlabeled[1].image == str((folder / "extra_case.nii.gz").resolve())
+    assert loaded.output == "." and loaded.settings["iterations"] == 3
+    assert exporter.exportedNodes["hippo_004"] is unlabeled
+
+    resolved = loaded.resolve(tmp_path / "job")
+    for number, case in zip(("001", "003"), resolved.labeled):
+        truth = labelArray(hippocampusCase(number)[1])
+        exported = labelArray(case.label)
+        # label values follow the segment names, whatever the segmentation's own order
+        np.testing.assert_array_equal(exported, truth)
+        image = labelArray(case.image)
+        assert image.shape == truth.shape
+
+
+def test_labelmap_volumes_can_be_the_labels(tmp_path):
+    slicer = pytest.importorskip("slicer")
+    scene = newScene()
+    image, label = hippocampusCase("001")
+    volume = mrml_io.readVolumeNode(scene, image, "vol")
+    labelmap = mrml_io.readVolumeNode(scene, label, "lab", labelmap=True)
+    colours = slicer.vtkMRMLColorTableNode()
+    colours.SetTypeToUser()
+    colours.SetNumberOfColors(3)
+    colours.SetColor(0, "background", 0, 0, 0, 0)
+    colours.SetColor(1, "Posterior", 0, 0, 1, 1)  # names in another value order
+    colours.SetColor(2, "Anterior", 1, 0, 0, 1)
+    scene.AddNode(colours)
+    labelmap.GetDisplayNode().SetAndObserveColorNodeID(colours.GetID())
+    job, table = JobExporter(scene, tmp_path / "job").export(
+        [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
+    )
+    assert table.names == ["Posterior", "Anterior"]
+    assert table.colours["Anterior"] == (1.0, 0.0, 0.0)
+    exported = labelArray(tmp_path / "job" / job.labeled[0].label)
+    np.testing.assert_array_equal(exported, labelArray(label))
+
+
+def test_mismatched_segment_names_name_the_case(tmp_path, scene_with_cases):
+    scene, pairs, _ = scene_with_cases
+    pairs[1].labels.GetSegmentation().GetNthSegment(0).SetName("posterior hippocampus")
+    with pytest.raises(ClassMismatchError) as err:
+        JobExporter(scene, tmp_path / "job").export(pairs)
+    assert "'hippo 003 segmentation'" in str(err.value)
+    assert not (tmp_path / "job" / "job.json").exists()
+
+
+def test_missing_inputs_are_reported(tmp_path, scene_with_cases):
+    scene, pairs, _ = scene_with_cases
+    with pytest.raises(ExportError, match="labeled case 2: pick both"):
+        JobExporter(scene, tmp_path / "job").export([pairs[0], LabeledPair(pairs[1].volume, None)])
+    with pytest.raises(ExportError, match="no labeled cases"):
+        JobExporter(scene, tmp_path / "job").export([])
