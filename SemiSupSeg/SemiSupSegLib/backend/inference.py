@@ -33,6 +33,12 @@ from SemiSupSegLib.backend.preprocessing import (
     resample_like,
     xyz_to_zyx,
 )
+from SemiSupSegLib.backend.uncertainty import (  # noqa: F401  (re-exported)
+    batched_passes,
+    enable_mc_dropout,
+    entropy,
+    uncertainty_from_passes,
+)
 from SemiSupSegLib.backend.volumes import read_image, write_image
 from SemiSupSegLib.protocol import IMAGE_SUFFIXES
 
@@ -47,21 +53,6 @@ class CasePrediction:
     uncertainty: sitk.Image
     score: float
     foreground_voxels: int
-
-
-def enable_mc_dropout(network: torch.nn.Module) -> int:
-    """Put dropout layers in training mode (everything else stays in eval); return how many."""
-    count = 0
-    for module in network.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            module.train()
-            count += 1
-    return count
-
-
-def entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Entropy in nats along the class axis."""
-    return -(probabilities * torch.log(probabilities.clamp_min(1e-8))).sum(dim)
 
 
 def boundary_score(label: np.ndarray, uncertainty: np.ndarray, width: int = 2) -> float:
@@ -86,6 +77,7 @@ class Predictor:
         device: torch.device,
         overlap: float = 0.5,
         sw_batch_size: int = 4,
+        mc_chunk: Optional[int] = None,
     ) -> None:
         self.network = network.to(device).eval()
         self.classes = classes
@@ -93,6 +85,7 @@ class Predictor:
         self.device = device
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
+        self.mc_chunk = mc_chunk
         self.roi_size = xyz_to_zyx(preprocessing["patch_size"])
 
     @classmethod
@@ -117,27 +110,44 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, volume: PreparedVolume, mc_samples: int = 1) -> tuple:
-        """Class probabilities (C, z, y, x) and uncertainty (z, y, x) on the working grid."""
+        """Class probabilities (C, z, y, x) and uncertainty (z, y, x) on the working grid.
+
+        With ``mc_samples`` > 1 the Monte Carlo dropout passes run batched inside each sliding
+        window (copies of the window in one forward, at most ``mc_chunk`` at a time) and are
+        blended per pass; the map is the mean of the passes' entropies.
+        """
         image = torch.as_tensor(volume.image[None], device=self.device)
-        passes = []
+        passes = max(1, mc_samples)
+        num_classes = int(self.network.spec["num_classes"])
         self.network.eval()
-        if mc_samples > 1:
+        if passes > 1:
             enable_mc_dropout(self.network)
-        for _ in range(max(1, mc_samples)):
+
+        def all_passes(window: torch.Tensor) -> torch.Tensor:
+            # (passes, n, C, ...) -> (n, passes * C, ...): the blending treats passes as channels
+            out = batched_passes(self.network, window, passes, chunk=self.mc_chunk)
+            return out.transpose(0, 1).reshape(window.shape[0], -1, *out.shape[3:])
+
+        try:
             logits = sliding_window_inference(
                 image,
                 self.roi_size,
                 self.sw_batch_size,
-                self.network,
+                all_passes,
                 overlap=self.overlap,
                 mode="gaussian",
                 padding_mode="constant",
             )
-            passes.append(torch.softmax(logits.float(), dim=1)[0])
-        self.network.eval()
-        stacked = torch.stack(passes)
-        mean = stacked.mean(0)
-        uncertainty = entropy(stacked, dim=1).mean(0) if mc_samples > 1 else entropy(mean, dim=0)
+        finally:
+            self.network.eval()
+        stacked = torch.softmax(
+            logits.float()[0].reshape(passes, num_classes, *logits.shape[2:]), dim=1
+        )[:, None]
+        mean = stacked.mean(0)[0]
+        if passes > 1:
+            uncertainty = uncertainty_from_passes(stacked, "mean-entropy")[0]
+        else:
+            uncertainty = entropy(mean, dim=0)
         return mean.cpu().numpy(), uncertainty.cpu().numpy()
 
     def predict(self, name: str, image: sitk.Image, mc_samples: int = 1) -> CasePrediction:

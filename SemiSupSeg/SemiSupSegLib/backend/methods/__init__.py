@@ -1,8 +1,10 @@
 """Training methods by name: each owns its models, optimisers and one training step."""
 
 from SemiSupSegLib.backend.methods import (
+    embedding_matching,  # noqa: F401  (em)
     mn,  # noqa: F401  (M&N)
     supervised,  # noqa: F401  (registers itself)
+    teacher_student,  # noqa: F401  (mean-teacher, ua-mt)
 )
 from SemiSupSegLib.backend.methods.base import Method, create_method, list_methods, register_method
 

@@ -1,0 +1,256 @@
+"""The EMA teacher-student loop shared by embedding matching (``em``) and the classic baselines.
+
+One loop, three methods (method.md §2):
+
+- ``em`` (methods/embedding_matching.py): Monte Carlo dropout teacher, reliable voxels learn the
+  teacher's argmax, unreliable voxels are labeled by embedding matching.
+- ``ua-mt``: *em without matching*: the uncertainty filter (entropy of the mean, as UA-MT) on a
+  mean-squared softmax consistency; unreliable voxels are simply ignored.
+- ``mean-teacher``: *em without matching and without the uncertainty filter*: mean-squared
+  softmax consistency with the EMA teacher on every unlabeled voxel.
+
+Every number is a method option (``--set method.NAME=VALUE``); see ``DEFAULTS``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.errors import ConfigError
+from SemiSupSegLib.backend.methods.base import (
+    Method,
+    StepResult,
+    register_method,
+    segmentation_loss,
+)
+from SemiSupSegLib.backend.networks import SegmentationNetwork
+from SemiSupSegLib.backend.uncertainty import UNCERTAINTY_KINDS, mc_softmax, uncertainty_from_passes
+
+
+def ramp(step: float, total: float, scale: float = 1.0) -> float:
+    """Gaussian ramp-up ``scale * exp(-5 (1 - t/T)^2)``, t clipped to [0, T] (Laine & Aila)."""
+    if total <= 0:
+        return scale
+    t = min(max(step / total, 0.0), 1.0)
+    return scale * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def reliability_threshold(step: float, total: float, num_classes: int) -> float:
+    """The rising uncertainty threshold ``(0.75 + 0.25 ramp(t)) ln C`` (UA-MT, em)."""
+    return (0.75 + 0.25 * ramp(step, total)) * math.log(num_classes)
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """UA-MT's warm-up of the EMA decay: ``min(1 - 1/(step + 1), decay)``."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+@torch.no_grad()
+def update_ema(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """teacher <- alpha * teacher + (1 - alpha) * student (parameters); buffers copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+class TeacherStudentMethod(Method):
+    """Student trained by gradient, teacher = EMA of the student; subclasses choose the
+    unlabeled losses through ``DEFAULTS`` and the ``unreliable_loss`` hook."""
+
+    uses_unlabeled = True
+    DEFAULTS: Dict[str, Any] = {
+        "dropout": None,  # None: config.dropout; overrides it otherwise (the spec records it)
+        "ema_decay": 0.99,
+        "mc_passes": 1,  # teacher Monte Carlo passes
+        "mc_chunk": 0,  # at most this many passes per batched forward (0: all at once)
+        "teacher_noise": 0.01,  # std of the Gaussian input noise, teacher
+        "student_noise": 0.02,  # and student
+        "uncertainty": "entropy-of-mean",
+        "uncertainty_filter": True,
+        "consistency": "mse",  # "mse" of softmax (MT, UA-MT) or "ce" to the teacher argmax (em)
+        "consistency_weight": 0.1,  # final value of the ramped weight
+        "ramp_fraction": 1.0,  # the ramps reach their final values at this share of training
+        "unlabeled_batch": 0,  # unlabeled patches per batch (0: as many as labeled)
+        "deploy": "teacher",  # which network predict uses: "teacher" or "student"
+    }
+
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
+        super().__init__(config, num_classes, device)
+        unknown = set(config.method_options) - set(self.DEFAULTS)
+        if unknown:
+            raise ConfigError(
+                f"method {self.name!r}: unknown option(s) {sorted(unknown)}; "
+                f"known: {sorted(self.DEFAULTS)}"
+            )
+        self.options = {**self.DEFAULTS, **config.method_options}
+        o = self.options
+        if o["uncertainty"] not in UNCERTAINTY_KINDS:
+            raise ConfigError(f"method.uncertainty must be one of {UNCERTAINTY_KINDS}")
+        if o["consistency"] not in ("mse", "ce"):
+            raise ConfigError("method.consistency must be 'mse' or 'ce'")
+        if o["deploy"] not in ("teacher", "student"):
+            raise ConfigError("method.deploy must be 'teacher' or 'student'")
+        dropout = config.dropout if o["dropout"] is None else float(o["dropout"])
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {dropout}")
+        self.student = self.build_network(dropout=dropout)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.optimizer, self.schedule = self.build_optimizer(self.student)
+        self.loss = segmentation_loss()
+        self.ramp_total = max(1.0, float(o["ramp_fraction"]) * config.iterations)
+
+    # --- the loop's questions
+    def batch_composition(self, iteration: int) -> Tuple[int, int]:
+        n = int(self.options["unlabeled_batch"]) or self.config.batch_size
+        return self.config.batch_size, n
+
+    def weights(self, iteration: int) -> Dict[str, float]:
+        """The ramped loss weights at ``iteration``."""
+        return {"consistency": ramp(iteration, self.ramp_total, self.options["consistency_weight"])}
+
+    # --- one step
+    def train_step(
+        self,
+        labeled: Dict[str, torch.Tensor],
+        unlabeled: Optional[Dict[str, torch.Tensor]],
+        iteration: int,
+    ) -> StepResult:
+        o = self.options
+        self.student.train()
+        image_l = labeled["image"].to(self.device, non_blocking=True)
+        label = labeled["label"].to(self.device, non_blocking=True)
+        image_u = unlabeled["image"].to(self.device, non_blocking=True)
+        n_l = image_l.shape[0]
+
+        # Teacher: M stochastic passes over the unlabeled patches, batched.
+        with self.autocast():
+            passes = mc_softmax(
+                self.teacher,
+                image_u,
+                max(1, int(o["mc_passes"])),
+                float(o["teacher_noise"]),
+                int(o["mc_chunk"]) or None,
+            )
+        teacher_probs = passes.mean(0)
+        threshold = reliability_threshold(iteration, self.ramp_total, self.num_classes)
+        if o["uncertainty_filter"]:
+            uncertainty = uncertainty_from_passes(passes, o["uncertainty"])
+            reliable = uncertainty < threshold
+        else:
+            reliable = torch.ones_like(teacher_probs[:, 0], dtype=torch.bool)
+
+        # Student: labeled and unlabeled patches in one forward, with input noise.
+        both = torch.cat([image_l, image_u])
+        if o["student_noise"] > 0:
+            both = both + torch.randn_like(both) * float(o["student_noise"])
+        weights = self.weights(iteration)
+        with self.autocast():
+            logits, features = self.student.forward_with_features(both)
+            supervised = self.loss(logits[:n_l], label)
+        logits_u = logits[n_l:].float()
+        consistency = self.consistency_loss(logits_u, teacher_probs, reliable)
+        losses = {"supervised": supervised, "consistency": consistency}
+        total = supervised + weights["consistency"] * consistency
+        extra, info = self.unreliable_loss(
+            labeled, label, features[n_l:], logits_u, reliable, iteration, weights
+        )
+        for key, (value, weight) in extra.items():
+            losses[key] = value
+            total = total + weight * value
+        self.optimise(total, self.optimizer, self.schedule)
+        update_ema(self.teacher, self.student, ema_decay(iteration + 1, float(o["ema_decay"])))
+
+        report = {"loss": float(total.detach())}
+        report.update({k: float(v.detach()) for k, v in losses.items()})
+        info = {
+            "reliable_share": float(reliable.float().mean()),
+            "threshold": threshold,
+            **{f"w_{k}": v for k, v in weights.items()},
+            "lr": self.schedule.get_last_lr()[0],
+            **info,
+        }
+        return StepResult(report, info)
+
+    def consistency_loss(
+        self, logits_u: torch.Tensor, teacher_probs: torch.Tensor, reliable: torch.Tensor
+    ) -> torch.Tensor:
+        """Student vs teacher on the reliable unlabeled voxels: MSE of softmax (MT, UA-MT),
+        or cross-entropy to the teacher's argmax (em's L_UA)."""
+        mask = reliable.float()
+        count = mask.sum().clamp_min(1.0)
+        if self.options["consistency"] == "ce":
+            per_voxel = F.cross_entropy(logits_u, teacher_probs.argmax(1), reduction="none")
+        else:
+            per_voxel = ((torch.softmax(logits_u, 1) - teacher_probs) ** 2).mean(1)
+        return (per_voxel * mask).sum() / count
+
+    def unreliable_loss(
+        self,
+        labeled: Dict[str, torch.Tensor],
+        label: torch.Tensor,
+        student_features_u: torch.Tensor,
+        logits_u: torch.Tensor,
+        reliable: torch.Tensor,
+        iteration: int,
+        weights: Dict[str, float],
+    ) -> Tuple[Dict[str, Tuple[torch.Tensor, float]], Dict[str, Any]]:
+        """Losses on the unreliable voxels, {name: (loss, weight)}, plus progress facts.
+        None here: mean-teacher and ua-mt ignore the voxels the filter rejects."""
+        return {}, {}
+
+    # --- deployment and checkpoints
+    def deploy_network(self) -> SegmentationNetwork:
+        return self.teacher if self.options["deploy"] == "teacher" else self.student
+
+    def warm_start(self, network_state: Dict[str, torch.Tensor]) -> None:
+        self.student.load_state_dict(network_state)
+        self.teacher.load_state_dict(network_state)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+@register_method("mean-teacher")
+class MeanTeacherMethod(TeacherStudentMethod):
+    """Mean Teacher (Tarvainen & Valpola 2017): em without the uncertainty filter and without
+    matching; MSE of softmax against one noisy EMA-teacher pass on every unlabeled voxel."""
+
+    DEFAULTS = {**TeacherStudentMethod.DEFAULTS, "uncertainty_filter": False, "mc_passes": 1}
+
+
+@register_method("ua-mt")
+class UncertaintyAwareMeanTeacherMethod(TeacherStudentMethod):
+    """UA-MT (Yu et al. 2019): em without matching; MC dropout teacher, entropy of the mean,
+    MSE consistency on the voxels under the rising threshold only.
+
+    Published M is 8; the CPU default is 2 (each pass is a teacher forward of the batch).
+    """
+
+    DEFAULTS = {
+        **TeacherStudentMethod.DEFAULTS,
+        "dropout": 0.15,
+        "mc_passes": 2,
+        "uncertainty": "entropy-of-mean",
+    }
