@@ -1,0 +1,777 @@
+import logging
+import os
+import pathlib
+import shutil
+import sys
+from typing import Annotated, Optional, Union
+
+import qt
+import slicer
+import vtk
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from SemiSupSegLib import dependencies
+from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment
+from SemiSupSegLib.job_export import JobExporter, LabeledPair
+from SemiSupSegLib.protocol import METHODS
+from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
+from SemiSupSegLib.training_options import (
+    DEFAULT_ENCODER_2D,
+    DEFAULT_METHOD,
+    DEFAULT_NETWORK_3D,
+    DEFAULT_PRESET,
+    DEVICE_NAMES,
+    METHODS_WITH_2D_ENCODER,
+    NETWORKS_3D,
+    PRESET_NAMES,
+    PRESETS,
+    TrainingOptions,
+    describeGpu,
+    parseExtraSettings,
+)
+from SemiSupSegLib.workflow import Workflow
+
+#
+# SemiSupSeg
+#
+
+
+class SemiSupSeg(ScriptedLoadableModule):
+    """Semi-supervised 3D segmentation: label a few cases, train in the background, review
+    pseudo-masks and uncertainty, correct, retrain."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Semi-Supervised Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SemiSupSeg developers"]
+        self.parent.helpText = _(
+            """
+Train a 3D segmentation model from a few labeled volumes and many unlabeled ones
+(M&amp;N 2D/3D co-training, embedding matching, or both), in a background process.
+Review the pseudo-masks of the unlabeled volumes, most uncertain first, with their
+uncertainty maps; correct them in the Segment Editor, accept them as labeled, and retrain.
+See <a href="https://github.com/semisupseg/SemiSupSeg">the documentation</a>.
+"""
+        )
+        self.parent.acknowledgementText = _(
+            """
+Methods: Yeung et al., "Semi-Supervised 3D Medical Segmentation from 2D Natural Images
+Pretrained Model" (MLMI 2025), and Xie et al., "Semi-Supervised Segmentation via Embedding
+Matching" (MIDL 2024). Built on PyTorch, MONAI, timm and SimpleITK.
+"""
+        )
+
+
+#
+# SemiSupSegParameterNode
+#
+
+
+@parameterNodeWrapper
+class SemiSupSegParameterNode:
+    """The module's state, saved with the scene.
+
+    labeledVolumes/labeledSegmentations - the labeled pairs (same index = same case).
+    pendingVolume/pendingSegmentation - the pair being picked in the Data section.
+    unlabeledVolumes - unlabeled volumes from the scene; unlabeledFolder - or from disk.
+    method ... extraSettings - training choices; outputFolder - where rounds are written.
+    colourMap, uncertaintyOpacity - how the uncertainty overlay is shown.
+    """
+
+    labeledVolumes: list[vtkMRMLScalarVolumeNode]
+    labeledSegmentations: list[vtkMRMLNode]
+    pendingVolume: vtkMRMLScalarVolumeNode
+    pendingSegmentation: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
+    unlabeledVolumes: list[vtkMRMLScalarVolumeNode]
+    unlabeledFolder: pathlib.Path
+    method: Annotated[str, Choice(list(METHODS))] = DEFAULT_METHOD
+    network3D: Annotated[str, Choice(list(NETWORKS_3D))] = DEFAULT_NETWORK_3D
+    encoder2D: str = DEFAULT_ENCODER_2D
+    preset: Annotated[str, Choice(list(PRESET_NAMES))] = DEFAULT_PRESET
+    iterations: Annotated[int, WithinRange(1, 1000000)] = PRESETS[DEFAULT_PRESET]
+    device: Annotated[str, Choice(list(DEVICE_NAMES))] = "auto"
+    useExternalPython: bool = False
+    externalPython: pathlib.Path
+    outputFolder: pathlib.Path
+    extraSettings: str = ""
+    colourMap: Annotated[str, Choice(list(COLOUR_MAPS))] = "Inferno"
+    uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
+
+
+def _isSet(path: Optional[pathlib.Path]) -> bool:
+    return path is not None and str(path) not in ("", ".")
+
+
+#
+# SemiSupSegWidget
+#
+
+
+class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Binds the .ui to the logic; the GUI thread only polls the backend from a QTimer."""
+
+    POLL_MSEC = 250
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._updatingGui = False
+        self._watchedRunner = None
+        self.pollTimer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SemiSupSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SemiSupSegLogic()
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(self.POLL_MSEC)
+        self.pollTimer.connect("timeout()", self.onPollTimer)
+
+        for table in (self.ui.labeledTable, self.ui.resultsTable):
+            table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
+            table.horizontalHeader().setStretchLastSection(True)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.addLabeledButton.connect("clicked(bool)", self.onAddLabeled)
+        self.ui.removeLabeledButton.connect("clicked(bool)", self.onRemoveLabeled)
+        self.ui.unlabeledVolumesSelector.connect("checkedNodesChanged()", self.onUnlabeledChanged)
+        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResults)
+        self.ui.resultsTable.connect("itemSelectionChanged()", self.onResultSelected)
+        self.ui.uncertaintyOpacitySliderWidget.connect("valueChanged(double)", self.onOpacity)
+        self.ui.colourMapComboBox.connect("currentIndexChanged(int)", self.onColourMap)
+        self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
+        self.ui.retrainButton.connect("clicked(bool)", self.onRetrain)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self.pollTimer is not None:
+            self.pollTimer.stop()
+        if self.logic is not None and self.logic.running:
+            self.logic.cancel()  # never leave an orphaned training process behind
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        # the poll timer keeps running: a job continues while another module is shown
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not _isSet(self._parameterNode.outputFolder):
+            self._parameterNode.outputFolder = self.logic.defaultOutputFolder()
+
+    def setParameterNode(self, inputParameterNode: Optional[SemiSupSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+            self.updateGui()
+
+    # ----------------------------------------------------------------- GUI state
+
+    def updateGui(self, caller=None, event=None) -> None:
+        if self._updatingGui or not self._parameterNode:
+            return
+        self._updatingGui = True
+        try:
+            p = self._parameterNode
+            self.ui.iterationsSpinBox.enabled = p.preset == "custom"
+            self.ui.encoder2DLineEdit.enabled = p.method in METHODS_WITH_2D_ENCODER
+            self.ui.externalPythonPathLineEdit.enabled = p.useExternalPython
+            self._syncUnlabeledSelector()
+            self._fillLabeledTable()
+            classesText, classesOk = self.logic.describeClasses(p)
+            self.ui.classesLabel.text = classesText
+            self.ui.classesLabel.setStyleSheet("" if classesOk else "color: #c0392b")
+            running = self.logic.running
+            self.ui.applyButton.enabled = running or (classesOk and _isSet(p.outputFolder))
+            self.ui.applyButton.text = _("Cancel") if running else _("Train and predict")
+            self.ui.applyButton.toolTip = (
+                _("Stop the job and every process it started")
+                if running
+                else _("Export the job, train in the background and predict the unlabeled cases")
+            )
+            self._updateReviewButtons()
+        finally:
+            self._updatingGui = False
+
+    def _syncUnlabeledSelector(self) -> None:
+        wanted = {n.GetID() for n in self._parameterNode.unlabeledVolumes if n is not None}
+        selector = self.ui.unlabeledVolumesSelector
+        wasBlocked = selector.blockSignals(True)
+        for index in range(selector.nodeCount()):
+            node = selector.nodeFromIndex(index)
+            state = qt.Qt.Checked if node.GetID() in wanted else qt.Qt.Unchecked
+            selector.setCheckState(node, state)
+        selector.blockSignals(wasBlocked)
+
+    def _fillLabeledTable(self) -> None:
+        rows = []
+        for volume, labels in self.logic.labeledNodePairs(self._parameterNode):
+            rows.append((volume.GetName(), labels.GetName(), _("user")))
+        for case, label, origin in self.logic.acceptedCases(self._parameterNode):
+            rows.append((case, os.path.basename(label), origin))
+        table = self.ui.labeledTable
+        table.setRowCount(len(rows))
+        for row, values in enumerate(rows):
+            for column, value in enumerate(values):
+                table.setItem(row, column, qt.QTableWidgetItem(value))
+
+    def _fillResultsTable(self) -> None:
+        rows = self.logic.reviewRows(self._parameterNode)
+        table = self.ui.resultsTable
+        table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            values = (row.case, f"{row.score:.4f}", str(row.foregroundVoxels), str(row.round))
+            for column, value in enumerate(values + (row.statusText(),)):
+                item = qt.QTableWidgetItem(value)
+                item.setData(qt.Qt.UserRole, row.case)
+                table.setItem(index, column, item)
+        if rows:
+            self.ui.resultsLabel.text = _(
+                "Round {round}: {count} case(s), most uncertain first"
+            ).format(round=rows[0].round, count=len(rows))
+        else:
+            self.ui.resultsLabel.text = _("No results yet")
+        self._updateReviewButtons()
+
+    def _selectedCase(self) -> Optional[str]:
+        items = self.ui.resultsTable.selectedItems()
+        return items[0].data(qt.Qt.UserRole) if items else None
+
+    def _updateReviewButtons(self) -> None:
+        case = self._selectedCase()
+        idle = not self.logic.running
+        self.ui.editSegmentationButton.enabled = case is not None
+        self.ui.acceptButton.enabled = case is not None and idle
+        self.ui.retrainButton.enabled = idle and self.logic.canRetrain(self._parameterNode)
+
+    # ---------------------------------------------------------------------- data
+
+    def onAddLabeled(self) -> None:
+        p = self._parameterNode
+        if not p.pendingVolume or not p.pendingSegmentation:
+            slicer.util.warningDisplay(_("Pick a volume and its segmentation first."))
+            return
+        if p.pendingVolume in list(p.labeledVolumes):
+            slicer.util.warningDisplay(_("This volume is already a labeled case."))
+            return
+        p.labeledVolumes.append(p.pendingVolume)
+        p.labeledSegmentations.append(p.pendingSegmentation)
+
+    def onRemoveLabeled(self) -> None:
+        row = self.ui.labeledTable.currentRow()
+        pairs = self.logic.labeledNodePairs(self._parameterNode)
+        if 0 <= row < len(pairs):
+            self.logic.setLabeledNodePairs(self._parameterNode, pairs[:row] + pairs[row + 1 :])
+
+    def onUnlabeledChanged(self) -> None:
+        if self._parameterNode and not self._updatingGui:
+            self._parameterNode.unlabeledVolumes = list(
+                self.ui.unlabeledVolumesSelector.checkedNodes()
+            )
+
+    # -------------------------------------------------------------- dependencies
+
+    def onCheckDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay(
+            _("Could not check the dependencies."), waitCursor=True
+        ):
+            self.logic.startDependencyCheck(self._parameterNode)
+            self.ui.dependenciesLabel.text = _("checking...")
+            self.ui.checkDependenciesButton.enabled = False
+            self.pollTimer.start()
+
+    def onInstallDependencies(self) -> None:
+        p = self._parameterNode
+        missing = self.logic.missingRequirements()
+        if not missing:
+            return
+        if p.useExternalPython:
+            command = dependencies.externalInstallCommand(str(p.externalPython), missing)
+            slicer.util.infoDisplay(
+                _("Install the missing packages in that environment, then check again:"),
+                detailedText=command,
+            )
+            return
+        plan = self.logic.installPlan()
+        if plan.empty or not slicer.util.confirmOkCancelDisplay(plan.description()):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Installation failed."), waitCursor=True):
+            self.logic.installDependencies(plan)  # pip on the main thread, as Slicer requires
+        self.onCheckDependencies()
+
+    def _dependencyCheckFinished(self) -> None:
+        result = self.logic.dependencyProbe
+        self.ui.checkDependenciesButton.enabled = True
+        self.ui.dependenciesLabel.text = dependencies.summary(result, self.logic.requirements())
+        self.ui.installDependenciesButton.enabled = bool(self.logic.missingRequirements())
+        gpuText, hasGpu = describeGpu(result.asDict() if not result.error else None)
+        self.ui.gpuLabel.text = _("GPU: {text}").format(text=gpuText)
+        if not hasGpu and self._parameterNode.device in ("auto", "cuda", "mps"):
+            logging.warning("SemiSupSeg: no GPU found, training will run on the CPU")
+
+    # ----------------------------------------------------------------------- run
+
+    def onApplyButton(self) -> None:
+        if self.logic.running:
+            self.logic.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the job."), waitCursor=True):
+            jobPath = self.logic.exportJob(self._parameterNode)
+            self._start(jobPath)
+
+    def onRetrain(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not start retraining."), waitCursor=True):
+            jobPath = self.logic.exportRetrainJob(self._parameterNode)
+            self._start(jobPath)
+
+    def _start(self, jobPath) -> None:
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.setStyleSheet("")
+        self._watchedRunner = self.logic.startJob(jobPath, self._parameterNode)
+        self.ui.logTextEdit.appendPlainText(_("Job: {path}").format(path=jobPath))
+        self.pollTimer.start()
+        self.updateGui()
+
+    def onPollTimer(self) -> None:
+        """Runs on the GUI thread every POLL_MSEC; every call returns at once."""
+        if self.logic.pollDependencyCheck():
+            self._dependencyCheckFinished()
+        runner = self._watchedRunner
+        if runner is not None:
+            self.logic.poll()
+            progress = runner.progress
+            for line in progress.takeNewLogLines():
+                self.ui.logTextEdit.appendPlainText(line)
+            self.ui.progressBar.value = progress.percent
+            self.ui.statusLabel.text = progress.statusText()
+            if runner.finished:
+                self._watchedRunner = None
+                self._jobFinished(runner)
+        if self._watchedRunner is None and not self.logic.checkingDependencies:
+            self.pollTimer.stop()
+
+    def _jobFinished(self, runner) -> None:
+        progress = runner.progress
+        if progress.failed:
+            self.ui.statusLabel.setStyleSheet("color: #c0392b")
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=progress.errorText)
+            slicer.util.errorDisplay(
+                _("The job failed: {error}").format(error=progress.errorText),
+                detailedText="\n".join(progress.errorDetails),
+            )
+        elif progress.cancelled:
+            self.ui.statusLabel.text = _("Cancelled: nothing was changed in the scene.")
+        else:
+            self.ui.statusLabel.text = _("Finished: select a case below to review it.")
+            self.ui.reviewCollapsibleButton.collapsed = False
+            self._fillResultsTable()
+        self.updateGui()
+
+    # -------------------------------------------------------------------- review
+
+    def onLoadResults(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not load the results."), waitCursor=True):
+            self.logic.getWorkflow(self._parameterNode, reload=True)
+            self._fillResultsTable()
+            self.updateGui()
+
+    def onResultSelected(self) -> None:
+        case = self._selectedCase()
+        self._updateReviewButtons()
+        if case is None:
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not load the case."), waitCursor=True):
+            self.logic.showCase(p, case)
+
+    def onOpacity(self, value: float) -> None:
+        self.logic.setUncertaintyOpacity(value)
+
+    def onColourMap(self, index: int) -> None:
+        if self._parameterNode:
+            self.logic.setUncertaintyColourMap(self._parameterNode.colourMap)
+
+    def onEditSegmentation(self) -> None:
+        case = self._selectedCase()
+        if case is not None:
+            with slicer.util.tryWithErrorDisplay(_("Could not open the Segment Editor.")):
+                self.logic.openSegmentEditor(self._parameterNode, case)
+
+    def onAccept(self) -> None:
+        case = self._selectedCase()
+        if case is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not accept the case."), waitCursor=True):
+            accepted = self.logic.acceptCase(self._parameterNode, case)
+            self.ui.statusLabel.text = _(
+                "Saved {path}; it is labeled from the next round on."
+            ).format(path=accepted.label)
+        self._fillResultsTable()
+        self.updateGui()
+
+
+#
+# SemiSupSegLogic
+#
+
+
+class SemiSupSegLogic(ScriptedLoadableModuleLogic):
+    """Everything the panel does, usable from the Python console without the GUI::
+
+        logic = slicer.util.getModuleLogic("SemiSupSeg")
+        p = logic.getParameterNode()   # fill p.labeledVolumes, p.labeledSegmentations, ...
+        logic.run(p, wait=True)        # export the job, run the backend, wait
+        rows = logic.reviewRows(p); logic.showCase(p, rows[0].case)
+        logic.acceptCase(p, rows[0].case); logic.run(p, retrain=True, wait=True)
+
+    ``processFactory`` is the class that runs the backend (``BackendProcess``); tests inject
+    another one.
+    """
+
+    def __init__(self, processFactory=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.processFactory = processFactory or BackendProcess
+        self.workflow: Optional[Workflow] = None
+        self.dependencyProbe: Optional[dependencies.ProbeResult] = None
+        self._probeProcess = None
+        self.currentCase = None
+
+    def getParameterNode(self):
+        return SemiSupSegParameterNode(super().getParameterNode())
+
+    # -------------------------------------------------------------- environment
+
+    @staticmethod
+    def defaultOutputFolder() -> pathlib.Path:
+        return pathlib.Path(slicer.app.defaultScenePath) / "SemiSupSeg"
+
+    @staticmethod
+    def slicerPython() -> str:
+        """Slicer's own Python launcher (PythonSlicer), which sets up Slicer's environment."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def pythonExecutable(self, p) -> str:
+        if p.useExternalPython:
+            if not _isSet(p.externalPython) or not os.path.isfile(str(p.externalPython)):
+                raise ValueError(_("Choose the python executable of the external environment."))
+            return str(p.externalPython)
+        return self.slicerPython()
+
+    def baseEnvironment(self, p):
+        """Slicer's environment for PythonSlicer; the environment Slicer started from for an
+        external Python (so that Slicer's own library paths do not leak into it)."""
+        if p.useExternalPython:
+            return slicer.util.startupEnvironment()
+        return dict(os.environ)
+
+    def requirements(self):
+        return dependencies.readRequirements(self.resourcePath("requirements.txt"))
+
+    def resourcePath(self, filename: str) -> str:
+        return os.path.join(os.path.dirname(__file__), "Resources", filename)
+
+    # ---------------------------------------------------------------- workflow
+
+    def getWorkflow(self, p, reload: bool = False) -> Workflow:
+        folder = (
+            pathlib.Path(p.outputFolder) if _isSet(p.outputFolder) else self.defaultOutputFolder()
+        )
+        if self.workflow is None or (reload and not self.workflow.running):
+            self.workflow = Workflow(slicer.mrmlScene, folder, self.processFactory)
+        elif not self.workflow.running:
+            self.workflow.setOutputFolder(folder)
+        return self.workflow
+
+    def trainingOptions(self, p) -> TrainingOptions:
+        return TrainingOptions(
+            method=p.method,
+            network=p.network3D,
+            encoder=p.encoder2D,
+            preset=p.preset,
+            iterations=p.iterations,
+            device=p.device,
+            extraSettings=parseExtraSettings(p.extraSettings),
+        ).validate()
+
+    def labeledNodePairs(self, p):
+        """The labeled (volume, segmentation) pairs whose nodes still exist."""
+        pairs = zip(list(p.labeledVolumes), list(p.labeledSegmentations))
+        return [(v, s) for v, s in pairs if v is not None and s is not None]
+
+    def setLabeledNodePairs(self, p, pairs) -> None:
+        with slicer.util.NodeModify(p.parameterNode):
+            p.labeledVolumes = [v for v, _s in pairs]
+            p.labeledSegmentations = [s for _v, s in pairs]
+
+    def labeledPairs(self, p):
+        return [LabeledPair(v, s) for v, s in self.labeledNodePairs(p)]
+
+    def describeClasses(self, p):
+        """('Classes: 1 liver, 2 tumour', True) or the reason why not, for the Data section."""
+        pairs = self.labeledPairs(p)
+        if not pairs:
+            return _("Classes: add a labeled case (volume + segmentation)"), False
+        try:
+            table = JobExporter(slicer.mrmlScene, "").collectClasses(pairs)
+        except ValueError as err:
+            return str(err), False
+        names = ", ".join(f"{i + 1} {name}" for i, name in enumerate(table.names))
+        return _("Classes: {names}").format(names=names), True
+
+    def acceptedCases(self, p):
+        if self.workflow is None:
+            return []
+        session = self.workflow.session
+        return [(a.case, a.label, session.labelOrigin(a.case)) for a in session.accepted.values()]
+
+    def exportJob(self, p):
+        unlabeledFolder = str(p.unlabeledFolder) if _isSet(p.unlabeledFolder) else None
+        unlabeled = [n for n in p.unlabeledVolumes if n is not None]
+        return self.getWorkflow(p).exportJob(
+            self.labeledPairs(p), unlabeled, unlabeledFolder, self.trainingOptions(p)
+        )
+
+    def exportRetrainJob(self, p):
+        return self.getWorkflow(p).exportRetrainJob(self.labeledPairs(p), self.trainingOptions(p))
+
+    def startJob(self, jobPath, p):
+        """Start the backend on a job (returns at once; the widget polls from a QTimer)."""
+        workflow = self.getWorkflow(p)
+        workflow.python = self.pythonExecutable(p)
+        workflow.environment = self.baseEnvironment(p)
+        if p.device == "cpu":
+            logging.info("SemiSupSeg: CUDA_VISIBLE_DEVICES=-1 for a CPU job")
+        return workflow.startJob(jobPath, p.device)
+
+    def run(self, p, retrain: bool = False, wait: bool = False, timeout: Optional[float] = None):
+        """Export and start a job (a retraining round if ``retrain``); ``wait`` is for scripts."""
+        jobPath = self.exportRetrainJob(p) if retrain else self.exportJob(p)
+        runner = self.startJob(jobPath, p)
+        if wait:
+            self.workflow.wait(timeout=timeout, processEvents=slicer.app.processEvents)
+        return runner
+
+    @property
+    def runner(self):
+        return self.workflow.runner if self.workflow is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.workflow is not None and self.workflow.running
+
+    @property
+    def checkingDependencies(self) -> bool:
+        return self._probeProcess is not None
+
+    def poll(self):
+        return self.workflow.poll() if self.workflow is not None else []
+
+    def cancel(self) -> None:
+        if self.workflow is not None:
+            self.workflow.cancel()
+
+    def reviewRows(self, p):
+        return self.getWorkflow(p).reviewRows()
+
+    def canRetrain(self, p) -> bool:
+        if self.workflow is None:
+            return False
+        session = self.workflow.session
+        return bool(session.accepted) and session.lastFinishedRound() is not None
+
+    # ------------------------------------------------------------------ review
+
+    def showCase(self, p, case: str):
+        """Load the case (volume, pseudo-mask, uncertainty) and show it in the slice views."""
+        loaded = self.getWorkflow(p).loadCase(case, colourMap=p.colourMap)
+        self.currentCase = loaded
+        slicer.util.setSliceViewerLayers(
+            background=loaded.volume,
+            foreground=loaded.uncertainty,
+            foregroundOpacity=p.uncertaintyOpacity,
+            fit=True,
+        )
+        display = loaded.segmentation.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(True)
+        return loaded
+
+    def setUncertaintyOpacity(self, opacity: float) -> None:
+        if self.currentCase is not None:
+            slicer.util.setSliceViewerLayers(foregroundOpacity=opacity)
+
+    def setUncertaintyColourMap(self, colourMap: str) -> None:
+        if self.currentCase is not None:
+            setUncertaintyColours(slicer.mrmlScene, self.currentCase.uncertainty, colourMap)
+
+    def openSegmentEditor(self, p, case: str) -> None:
+        loaded = self.showCase(p, case)
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.util.getModuleWidget("SegmentEditor").editor
+        editor.setSegmentationNode(loaded.segmentation)
+        editor.setSourceVolumeNode(loaded.volume)
+
+    def acceptCase(self, p, case: str):
+        """Save the case's (corrected) segmentation as a new file version; labeled next round."""
+        workflow = self.getWorkflow(p)
+        if case not in workflow.loaded:
+            workflow.loadCase(case, colourMap=p.colourMap)
+        return workflow.acceptCase(case)
+
+    # ------------------------------------------------------------ dependencies
+
+    def startDependencyCheck(self, p) -> None:
+        """Run the probe in the chosen Python, in the background (poll with pollDependencyCheck)."""
+        command = dependencies.probeCommand(self.pythonExecutable(p))
+        env = backendEnvironment(self.baseEnvironment(p))
+        self.dependencyProbe = None
+        self._probeProcess = self.processFactory(command, env=env).start()
+
+    def pollDependencyCheck(self) -> bool:
+        """True once, when the probe has just finished (result in ``dependencyProbe``)."""
+        process = self._probeProcess
+        if process is None:
+            return False
+        code = process.poll()
+        if code is None:
+            return False
+        self._probeProcess = None
+        self.dependencyProbe = dependencies.parseProbeOutput(
+            process.readLines(), process.stderrTail(), code
+        )
+        return True
+
+    def missingRequirements(self):
+        if self.dependencyProbe is None or self.dependencyProbe.error:
+            return []
+        return self.dependencyProbe.missing(self.requirements())
+
+    def installPlan(self) -> dependencies.InstallPlan:
+        pyTorchUtils = "PyTorchUtils" in slicer.util.moduleNames()
+        packages = self.dependencyProbe.packages if self.dependencyProbe else {}
+        return dependencies.planInstall(self.missingRequirements(), packages, pyTorchUtils)
+
+    def installDependencies(self, plan: dependencies.InstallPlan) -> None:
+        """Install into Slicer's Python; main thread only, after the user agreed."""
+        dependencies.installInSlicer(plan)
+
+
+#
+# SemiSupSegTest
+#
+
+
+class SemiSupSegTest(ScriptedLoadableModuleTest):
+    """A quick job end to end on crops of the MRHead sample (a few CPU iterations)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SemiSupSeg_round()
+        self.setUp()
+        self.test_SemiSupSeg_cancel()
+
+    def _parameters(self, logic, iterations=3):
+        from SemiSupSegLib.sample_cases import addThresholdSegmentation, makeSampleCases
+
+        _head, volumes = makeSampleCases(3)
+        p = logic.getParameterNode()
+        p.labeledVolumes = volumes[:2]
+        p.labeledSegmentations = [addThresholdSegmentation(v) for v in volumes[:2]]
+        p.unlabeledVolumes = volumes[2:]
+        p.method = "supervised"
+        p.preset = "custom"
+        p.iterations = iterations
+        p.device = "cpu"
+        p.extraSettings = "batch_size=1, checkpoint_every=0"
+        p.outputFolder = pathlib.Path(slicer.util.tempDirectory("SemiSupSegTest"))
+        return p, volumes
+
+    def test_SemiSupSeg_round(self):
+        self.delayDisplay("Training a tiny model on MRHead crops")
+        logic = SemiSupSegLogic()
+        p, volumes = self._parameters(logic)
+        runner = logic.run(p, wait=True, timeout=900)
+        self.assertTrue(runner.succeeded, runner.progress.errorText)
+        rows = logic.reviewRows(p)
+        self.assertEqual(len(rows), 1)
+        loaded = logic.showCase(p, rows[0].case)
+        self.assertIs(loaded.volume, volumes[2])
+        names = [
+            loaded.segmentation.GetSegmentation().GetNthSegment(i).GetName()
+            for i in range(loaded.segmentation.GetSegmentation().GetNumberOfSegments())
+        ]
+        self.assertEqual(names, ["bright", "dark"])
+        first = logic.acceptCase(p, rows[0].case)
+        second = logic.acceptCase(p, rows[0].case)
+        self.assertNotEqual(first.label, second.label)
+        self.assertTrue(os.path.exists(first.label) and os.path.exists(second.label))
+        self.assertTrue(logic.canRetrain(p))
+        self.delayDisplay("Test passed")
+
+    def test_SemiSupSeg_cancel(self):
+        self.delayDisplay("Cancelling a job")
+        logic = SemiSupSegLogic()
+        p, _volumes = self._parameters(logic, iterations=500)
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        runner = logic.run(p)
+        while runner.progress.events == 0 and not runner.finished:
+            logic.poll()
+            slicer.app.processEvents()
+        logic.cancel()
+        self.assertTrue(logic.workflow.wait(timeout=120, processEvents=slicer.app.processEvents))
+        self.assertTrue(runner.cancelled)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Test passed")
