@@ -77,7 +77,7 @@ class TeacherStudentMethod(Method):
         "consistency": "mse",  # "mse" of softmax (MT, UA-MT) or "ce" to the teacher argmax (em)
         "consistency_weight": 0.1,  # final value of the ramped weight
         "ramp_fraction": 1.0,  # the ramps reach their final values at this share of training
-        "unlabeled_batch": 0,  # unlabeled patches per batch (0: as many as labeled)
+        "unlabeled_batch": 0,  # unlabeled patches per batch (0: half of batch_size, see below)
         "deploy": "teacher",  # which network predict uses: "teacher" or "student"
     }
 
@@ -110,8 +110,13 @@ class TeacherStudentMethod(Method):
 
     # --- the loop's questions
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
-        n = int(self.options["unlabeled_batch"]) or self.config.batch_size
-        return self.config.batch_size, n
+        """As many labeled as unlabeled patches, ``batch_size`` in all (as UA-MT's code counts
+        a batch): the student sees as many patches per step as supervised training does.
+        ``unlabeled_batch`` > 0 instead adds that many unlabeled to ``batch_size`` labeled."""
+        b = self.config.batch_size
+        if int(self.options["unlabeled_batch"]) > 0:
+            return b, int(self.options["unlabeled_batch"])
+        return max(1, (b + 1) // 2), max(1, b // 2)
 
     def weights(self, iteration: int) -> Dict[str, float]:
         """The ramped loss weights at ``iteration``."""
