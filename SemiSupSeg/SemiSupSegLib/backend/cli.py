@@ -156,8 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.cancellation import StopFlag
     from SemiSupSegLib.backend.config import TrainConfig, parse_setting
-    from SemiSupSegLib.backend.training import StopFlag, train
+    from SemiSupSegLib.backend.training import train
 
     dataset = _load_training_data(args)
     values = {"method": args.method, "device": args.device, "modality": dataset.modality}
@@ -219,8 +220,8 @@ def _validate(dataset, events, check_unlabeled: bool) -> None:
 
 
 def _predict(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.cancellation import StopFlag
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
-    from SemiSupSegLib.backend.training import StopFlag
 
     cases = input_cases([Path(p) for p in args.input])
     predictor = Predictor.from_run(args.run, device=args.device)
@@ -263,16 +264,16 @@ def _evaluate(args: argparse.Namespace, events) -> None:
 
 
 def _run_job(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.cancellation import StopFlag
     from SemiSupSegLib.backend.jobs import run_job
-    from SemiSupSegLib.backend.training import StopFlag
 
     with StopFlag().installed() as stop:
         run_job(Path(args.job), events, stop, resume=args.resume)
 
 
 def _demo(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.cancellation import StopFlag
     from SemiSupSegLib.backend.demo import run_demo
-    from SemiSupSegLib.backend.training import StopFlag
 
     with StopFlag().installed() as stop:
         run_demo(

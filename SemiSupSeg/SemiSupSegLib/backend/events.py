@@ -74,7 +74,7 @@ class EventSink:
             text = f"{kind}: {text}"
         elif kind == "output" and not text:
             text = "wrote " + ", ".join(f"{k}: {v}" for k, v in event.get("outputs", {}).items())
-        elif kind in ("stage", "start", "done", "cancelled") and not text:
+        elif kind in ("stage", "start", "cancelled") and not text:
             text = f"[{event.get('stage', kind)}]"
         if text:
             print(text, file=self._human, flush=True)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 from monai.utils import set_determinism
 
+from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.checkpoint import (
     CHECKPOINT_NAME,
     MODEL_NAME,
@@ -29,37 +27,6 @@ from SemiSupSegLib.backend.errors import CancelledError, ConfigError
 from SemiSupSegLib.backend.events import EventSink, RateEstimator
 from SemiSupSegLib.backend.methods import Method, create_method
 from SemiSupSegLib.backend.networks import network_divisor
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM (or by code); the loop checks it once per iteration."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.signal_name: Optional[str] = None
-
-    def request(self, reason: str = "request") -> None:
-        self.signal_name = reason
-        self._event.set()
-
-    @property
-    def requested(self) -> bool:
-        return self._event.is_set()
-
-    @contextmanager
-    def installed(self) -> Iterator[StopFlag]:
-        """Route SIGINT and SIGTERM to this flag while the block runs (main thread only)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda s, _f: self.request(signal.Signals(s).name))
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 @dataclass

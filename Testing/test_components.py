@@ -1,0 +1,109 @@
+"""Networks by name, settings, preprocessing and checkpoints: small, fast, known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SemiSupSegLib.backend.checkpoint import load_checkpoint, save_checkpoint
+from SemiSupSegLib.backend.config import TrainConfig, parse_setting
+from SemiSupSegLib.backend.errors import ConfigError, DataError
+from SemiSupSegLib.backend.networks import create_network, list_networks, network_from_spec
+from SemiSupSegLib.backend.preprocessing import (
+    normalize_intensity,
+    prepare_volume,
+    resample_like,
+    resample_to_spacing,
+)
+from SemiSupSegLib.backend.splits import benchmark_split
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [("unet", (32, 48, 32)), ("segresnet", (16, 24, 16)), ("swinunetr", (32, 64, 32))],
+)
+def test_networks_by_name_give_logits_and_embeddings(name, shape):
+    torch.manual_seed(0)
+    small = {"feature_size": 12} if name == "swinunetr" else {}
+    network = create_network(name, num_classes=3, feature_channels=8, **small)
+    x = torch.randn(1, 1, *shape)
+    logits, features = network.forward_with_features(x)
+    assert logits.shape == (1, 3, *shape)
+    assert features.shape == (1, 8, *shape)
+    rebuilt = network_from_spec(network.spec)
+    rebuilt.load_state_dict(network.state_dict())
+    network.eval(), rebuilt.eval()
+    torch.testing.assert_close(rebuilt(x), network(x))
+
+
+def test_unknown_network_lists_the_choices():
+    with pytest.raises(ConfigError, match="available: segresnet, swinunetr, unet"):
+        create_network("vnet9000", num_classes=2)
+    assert {"unet", "segresnet", "swinunetr"} <= set(list_networks())
+
+
+def test_settings_are_typed_and_unknown_names_rejected():
+    config = TrainConfig.from_dict(
+        {"iterations": "20", "patch_size": "32x48x32", "augment": "false", "method.ema_decay": 0.9}
+    )
+    assert config.iterations == 20 and config.patch_size == (32, 48, 32)
+    assert config.augment is False and config.method_options == {"ema_decay": 0.9}
+    assert parse_setting("patch_size=[16,16,16]") == ("patch_size", [16, 16, 16])
+    with pytest.raises(ConfigError, match="unknown setting 'iteration'"):
+        TrainConfig.from_dict({"iteration": 3})
+    with pytest.raises(ConfigError, match="iterations"):
+        TrainConfig(iterations=0).validate()
+    with pytest.raises(ConfigError, match="not valid"):
+        TrainConfig.from_dict({"batch_size": "many"})
+
+
+def test_mr_zscore_and_ct_window():
+    rng = np.random.default_rng(0)
+    mr = rng.normal(300, 40, (8, 8, 8)).astype(np.float32)
+    z = normalize_intensity(mr, "MR")
+    assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3
+    ct = np.array([-2000, -1000, 0, 1000, 3000], dtype=np.float32)
+    np.testing.assert_allclose(normalize_intensity(ct, "CT", (-1000, 1000)), [0, 0, 0.5, 1, 1])
+
+
+def test_resampling_there_and_back_keeps_geometry():
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((10, 12, 14)).astype(np.float32))
+    image.SetSpacing((0.7, 0.9, 3.0))
+    image.SetOrigin((5.0, -3.0, 2.0))
+    image.SetDirection((0, -1, 0, 1, 0, 0, 0, 0, 1))
+    working = resample_to_spacing(image, (1.0, 1.0, 1.0), is_label=False)
+    assert working.GetSpacing() == (1.0, 1.0, 1.0)
+    assert working.GetDirection() == image.GetDirection()
+    assert working.GetSize() == (10, 11, 30)
+    back = resample_like(working, image, is_label=False)
+    assert back.GetSize() == image.GetSize() and back.GetSpacing() == image.GetSpacing()
+    assert back.GetOrigin() == image.GetOrigin()
+    volume = prepare_volume("x", image, None, "MR", target_spacing=(1.0, 1.0, 1.0))
+    assert volume.image.shape == (1, 30, 11, 10)
+
+
+def test_checkpoints_are_atomic_and_damage_is_reported(tmp_path):
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"iteration": 3})
+    loaded = load_checkpoint(tmp_path)
+    assert loaded["iteration"] == 3 and "torch" in loaded["versions"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="not a SemiSupSeg checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(DataError, match="no model.pt or checkpoint.pt"):
+        load_checkpoint(tmp_path / "empty_run")
+
+
+def test_benchmark_split_is_fixed_and_nested():
+    names = [f"case_{i:03d}" for i in range(200)]
+    split = benchmark_split(list(reversed(names)))
+    assert split == benchmark_split(names)
+    assert len(split.train) == 160 and len(split.test) == 40
+    assert not set(split.train) & set(split.test)
+    assert split.labeled(4) == split.labeled(8)[:4] == split.labeled(16)[:4]
