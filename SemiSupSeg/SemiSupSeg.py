@@ -3,6 +3,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 from typing import Annotated, Optional, Union
 
 import qt
@@ -28,7 +29,7 @@ from slicer.util import VTKObservationMixin
 from SemiSupSegLib import dependencies
 from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment
 from SemiSupSegLib.job_export import JobExporter, LabeledPair
-from SemiSupSegLib.protocol import METHODS
+from SemiSupSegLib.protocol import METHODS, MODALITIES
 from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
 from SemiSupSegLib.training_options import (
     DEFAULT_ENCODER_2D,
@@ -102,6 +103,7 @@ class SemiSupSegParameterNode:
     unlabeledVolumes: list[vtkMRMLScalarVolumeNode]
     unlabeledFolder: pathlib.Path
     method: Annotated[str, Choice(list(METHODS))] = DEFAULT_METHOD
+    modality: Annotated[str, Choice(list(MODALITIES))] = "MR"
     network3D: Annotated[str, Choice(list(NETWORKS_3D))] = DEFAULT_NETWORK_3D
     encoder2D: str = DEFAULT_ENCODER_2D
     preset: Annotated[str, Choice(list(PRESET_NAMES))] = DEFAULT_PRESET
@@ -202,6 +204,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not _isSet(self._parameterNode.outputFolder):
             self._parameterNode.outputFolder = self.logic.defaultOutputFolder()
+        if self._watchedRunner is None and self.ui.resultsTable.rowCount == 0:
+            try:
+                self._fillResultsTable()  # results of an earlier session in the output folder
+            except Exception as err:
+                logging.warning(f"SemiSupSeg: could not read earlier results: {err}")
 
     def setParameterNode(self, inputParameterNode: Optional[SemiSupSegParameterNode]) -> None:
         if self._parameterNode:
@@ -299,11 +306,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not p.pendingVolume or not p.pendingSegmentation:
             slicer.util.warningDisplay(_("Pick a volume and its segmentation first."))
             return
-        if p.pendingVolume in list(p.labeledVolumes):
+        pairs = self.logic.labeledNodePairs(p)
+        if any(volume is p.pendingVolume for volume, _labels in pairs):
             slicer.util.warningDisplay(_("This volume is already a labeled case."))
             return
-        p.labeledVolumes.append(p.pendingVolume)
-        p.labeledSegmentations.append(p.pendingSegmentation)
+        self.logic.setLabeledNodePairs(p, pairs + [(p.pendingVolume, p.pendingSegmentation)])
 
     def onRemoveLabeled(self) -> None:
         row = self.ui.labeledTable.currentRow()
@@ -438,8 +445,8 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setUncertaintyOpacity(value)
 
     def onColourMap(self, index: int) -> None:
-        if self._parameterNode:
-            self.logic.setUncertaintyColourMap(self._parameterNode.colourMap)
+        # read the combo box: this slot may run before the parameter node is updated
+        self.logic.setUncertaintyColourMap(self.ui.colourMapComboBox.currentText)
 
     def onEditSegmentation(self) -> None:
         case = self._selectedCase()
@@ -540,6 +547,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             preset=p.preset,
             iterations=p.iterations,
             device=p.device,
+            modality=p.modality,
             extraSettings=parseExtraSettings(p.extraSettings),
         ).validate()
 
@@ -568,10 +576,18 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         names = ", ".join(f"{i + 1} {name}" for i, name in enumerate(table.names))
         return _("Classes: {names}").format(names=names), True
 
+    def _sessionOrNone(self, p):
+        try:
+            return self.getWorkflow(p).session
+        except Exception as err:  # an unreadable session file must not break the panel
+            logging.warning(f"SemiSupSeg: {err}")
+            return None
+
     def acceptedCases(self, p):
-        if self.workflow is None:
+        """(case, label file, where it came from) of the cases accepted into the labeled set."""
+        session = self._sessionOrNone(p)
+        if session is None:
             return []
-        session = self.workflow.session
         return [(a.case, a.label, session.labelOrigin(a.case)) for a in session.accepted.values()]
 
     def exportJob(self, p):
@@ -624,10 +640,8 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         return self.getWorkflow(p).reviewRows()
 
     def canRetrain(self, p) -> bool:
-        if self.workflow is None:
-            return False
-        session = self.workflow.session
-        return bool(session.accepted) and session.lastFinishedRound() is not None
+        session = self._sessionOrNone(p)
+        return session is not None and bool(session.accepted) and bool(session.lastFinishedRound())
 
     # ------------------------------------------------------------------ review
 
@@ -767,9 +781,12 @@ class SemiSupSegTest(ScriptedLoadableModuleTest):
         p, _volumes = self._parameters(logic, iterations=500)
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         runner = logic.run(p)
-        while runner.progress.events == 0 and not runner.finished:
+        deadline = time.monotonic() + 300
+        while runner.progress.events == 0 and not runner.finished:  # the backend is up
+            self.assertLess(time.monotonic(), deadline, "the backend sent no event")
             logic.poll()
             slicer.app.processEvents()
+            time.sleep(0.05)
         logic.cancel()
         self.assertTrue(logic.workflow.wait(timeout=120, processEvents=slicer.app.processEvents))
         self.assertTrue(runner.cancelled)

@@ -115,6 +115,7 @@ def fill(panel: QWidget) -> None:
         "labeledSegmentationSelector": ["hippocampus_017 segmentation"],
         "unlabeledVolumesSelector": ["152 volumes checked"],
         "methodComboBox": ["mn+em", "mn", "em", "supervised", "mean-teacher", "ua-mt"],
+        "modalityComboBox": ["MR", "CT", "other"],
         "network3DComboBox": ["unet", "segresnet", "swinunetr"],
         "presetComboBox": ["standard", "quick", "thorough", "custom"],
         "deviceComboBox": ["auto", "cuda", "mps", "cpu"],

@@ -1,0 +1,158 @@
+"""SemiSupSeg.py's Logic outside Slicer: the module file is imported with small stand-ins for
+the Qt-based parts of Slicer (ScriptedLoadableModule base classes, i18n, parameterNodeWrapper,
+slicer.app) while the MRML scene, nodes and slicer.util come from slicer-core. The Logic then
+runs a round the way a Python-console user would, against the REAL backend.
+
+What this cannot check is how Slicer itself connects the widgets; test_slicer_ui.py checks
+the .ui side, and the in-Slicer tests (SemiSupSegTest, Testing/Python) run the panel."""
+
+import importlib.util
+import pathlib
+import sys
+import types
+import typing
+
+import pytest
+
+from SemiSupSegLib import mrml_io
+from slicer_side_helpers import (
+    CLASS_NAMES,
+    MODULE_FILE,
+    hippocampusCase,
+    newScene,
+    nodeIds,
+    segmentationFromLabelFile,
+)
+
+
+def _stub_parameter_node_wrapper(cls):
+    """Instances get every annotated field with its default (lists empty, paths '.')."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+
+    def __init__(self, parameterNode=None):
+        self.parameterNode = parameterNode
+        for name, hint in hints.items():
+            base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            if hasattr(cls, name):
+                value = getattr(cls, name)
+            elif typing.get_origin(base) is list:
+                value = []
+            elif base is pathlib.Path:
+                value = pathlib.Path()
+            else:
+                value = None
+            setattr(self, name, value)
+
+    return type(cls.__name__, (), {"__init__": __init__, "__doc__": cls.__doc__})
+
+
+class _Validator:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture
+def module(monkeypatch, tmp_path):
+    slicer = pytest.importorskip("slicer")
+    scene = newScene()
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    for name in (
+        "ScriptedLoadableModule",
+        "ScriptedLoadableModuleWidget",
+        "ScriptedLoadableModuleTest",
+    ):
+        setattr(base, name, type(name, (), {}))
+    base.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = _stub_parameter_node_wrapper
+    wrapper.Choice = wrapper.WithinRange = _Validator
+    app = types.SimpleNamespace(
+        defaultScenePath=str(tmp_path / "scenes"),
+        processEvents=lambda: None,
+        layoutManager=lambda: None,  # no views to fit
+    )
+    for name, stub in (
+        ("qt", types.ModuleType("qt")),
+        ("slicer.ScriptedLoadableModule", base),
+        ("slicer.i18n", i18n),
+        ("slicer.parameterNodeWrapper", wrapper),
+    ):
+        monkeypatch.setitem(sys.modules, name, stub)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    spec = importlib.util.spec_from_file_location("SemiSupSeg", MODULE_FILE)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded, scene
+
+
+def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
+    semisupseg, scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    assert (p.method, p.preset, p.device, p.colourMap) == ("mn+em", "standard", "auto", "Inferno")
+    assert logic.defaultOutputFolder() == tmp_path / "scenes" / "SemiSupSeg"
+
+    volumes = []
+    for number in ("001", "003", "004"):
+        volumes.append(mrml_io.readVolumeNode(scene, hippocampusCase(number)[0], f"hc{number}"))
+    segmentations = [
+        segmentationFromLabelFile(scene, hippocampusCase(n)[1], v, f"hc{n} labels")
+        for n, v in zip(("001", "003"), volumes)
+    ]
+    text, ok = logic.describeClasses(p)
+    assert not ok and "add a labeled case" in text
+    logic.setLabeledNodePairs(p, list(zip(volumes[:2], segmentations)))
+    assert logic.describeClasses(p) == ("Classes: 1 Anterior, 2 Posterior", True)
+    p.unlabeledVolumes = volumes[2:]
+    p.method, p.preset, p.iterations, p.device = "supervised", "custom", 3, "cpu"
+    p.extraSettings = "batch_size=1, checkpoint_every=0"
+    p.outputFolder = tmp_path / "out"
+    # Slicer's own Python: PythonSlicer in Slicer, this interpreter here
+
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # one slice view
+    before = nodeIds(scene)
+    runner = logic.run(p, wait=True, timeout=300)
+    assert runner.succeeded, runner.progress.errorText
+    assert nodeIds(scene) == before
+    assert runner.process.env["CUDA_VISIBLE_DEVICES"] == "-1"
+    rows = logic.reviewRows(p)
+    assert [r.case for r in rows] == ["hc004"]
+    loaded = logic.showCase(p, "hc004")
+    assert loaded.volume is volumes[2]
+    assert mrml_io.segmentNames(loaded.segmentation) == list(CLASS_NAMES)
+    assert composite.GetBackgroundVolumeID() == volumes[2].GetID()
+    assert composite.GetForegroundVolumeID() == loaded.uncertainty.GetID()
+    assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    logic.setUncertaintyOpacity(0.7)
+    assert composite.GetForegroundOpacity() == pytest.approx(0.7)
+    assert not logic.canRetrain(p)
+    accepted = logic.acceptCase(p, "hc004")
+    assert pathlib.Path(accepted.label).name == "hc004.v1.nrrd"
+    assert logic.canRetrain(p)
+    assert logic.acceptedCases(p) == [("hc004", accepted.label, "round 1 (v1)")]
+    retrain = logic.exportRetrainJob(p)
+    assert retrain.parent.name == "round-002"
+
+
+def test_an_external_python_must_be_chosen(module, tmp_path):
+    semisupseg, _scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    p.useExternalPython = True
+    with pytest.raises(ValueError, match="external environment"):
+        logic.pythonExecutable(p)
+    p.useExternalPython = False
+    assert logic.pythonExecutable(p)  # PythonSlicer, or this Python outside Slicer
+    assert logic.requirements() == ["torch>=2.1", "monai>=1.4", "timm>=1.0"]
