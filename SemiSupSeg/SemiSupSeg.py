@@ -686,7 +686,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
     def startDependencyCheck(self, p) -> None:
         """Run the probe in the chosen Python, in the background (poll with pollDependencyCheck)."""
-        command = dependencies.probeCommand(self.pythonExecutable(p))
+        command = dependencies.probeCommand(self.pythonExecutable(p), self.requirements())
         env = backendEnvironment(self.baseEnvironment(p))
         self.dependencyProbe = None
         self._probeProcess = self.processFactory(command, env=env).start()

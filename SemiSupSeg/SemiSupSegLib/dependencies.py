@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 PROBE_MARKER = "SEMISUPSEG-PROBE "
 # Never installed or upgraded by this module: Slicer builds and ships them.
 SLICER_OWNED = ("numpy", "SimpleITK", "vtk")
-PROBED_PACKAGES = ("torch", "monai", "timm", "numpy", "SimpleITK", "scipy")
-DEFAULT_REQUIREMENTS = ("torch>=2.1", "monai>=1.4", "timm>=1.0")
+PROBED_PACKAGES = ("torch", "monai", "timm", "einops", "numpy", "SimpleITK", "scipy")
+DEFAULT_REQUIREMENTS = ("torch>=2.1", "monai>=1.4", "timm>=1.0", "einops>=0.6")
 
 PROBE_CODE = r"""
 import json, sys
@@ -33,15 +33,19 @@ try:
 except ImportError:
     metadata = None
 import importlib.util
-for name in __PACKAGES__:
+for name in sys.argv[1:] or __PACKAGES__:
     version = None
     if metadata is not None:
         try:
             version = metadata.version(name)
         except Exception:
             version = None
-    if version is None and importlib.util.find_spec(name) is not None:
-        version = "present"
+    if version is None:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                version = "present"
+        except Exception:
+            pass
     out["packages"][name] = version
 try:
     import torch
@@ -154,8 +158,14 @@ class ProbeResult:
         }
 
 
-def probeCommand(python: str) -> List[str]:
-    return [str(python), "-c", PROBE_CODE]
+def probeCommand(python: str, requirements: Sequence[str] = ()) -> List[str]:
+    """``python -c PROBE_CODE <package names>``: the probed packages plus the requirements'."""
+    names = list(PROBED_PACKAGES)
+    for requirement in requirements:
+        name = requirementName(requirement)
+        if name not in names:
+            names.append(name)
+    return [str(python), "-c", PROBE_CODE] + names
 
 
 def parseProbeOutput(lines: Sequence[str], stderr: str = "", returncode: int = 0) -> ProbeResult:
