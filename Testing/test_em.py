@@ -173,3 +173,28 @@ def test_method_trains_a_few_iterations_on_hippocampus(method, few_cases, tmp_pa
     model = load_checkpoint(tmp_path / "run" / "model.pt")
     expected = 0.0 if method == "mean-teacher" else 0.15
     assert model["model"]["spec"]["dropout"] == expected
+
+
+def test_mn_em_cotrains_a_few_iterations_on_hippocampus(few_cases, tmp_path):
+    config = TrainConfig.from_dict(
+        {
+            "method": "mn+em",
+            "iterations": 3,
+            "batch_size": 2,
+            "log_every": 1,
+            "patch_size": [16, 32, 32],
+            "feature_channels": 8,
+            "network_options": TINY_UNET,
+            "method_options": {"warmup_stage_fraction": 0.34, "train_slices": 4},
+        }
+    )
+    events_path = tmp_path / "events.jsonl"
+    sink = EventSink(str(events_path), quiet=True)
+    result = train(few_cases, config, tmp_path / "run", sink)
+    sink.close()
+    assert all(math.isfinite(v) for v in result.final_losses.values())
+    progress = [json.loads(line) for line in events_path.read_text().splitlines()]
+    metrics = [e["metrics"] for e in progress if e["event"] == "progress"]
+    assert 0.0 <= metrics[-1]["unreliable_share"] <= 1.0  # co-training steps report it
+    model = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert model["model"]["spec"]["dropout"] == 0.15

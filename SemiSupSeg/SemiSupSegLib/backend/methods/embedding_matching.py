@@ -15,6 +15,9 @@ The EMA teacher-student loop of ``teacher_student.py`` with:
 
 L = L_sup + w_UA L_UA + w_PS (L_NN + L_EN), both weights ramped with ramp(T, s).
 
+``mn+em`` (method.md §3, at the end of this module) composes M&N's co-training (methods/mn.py)
+with the same reference sampling, matching and regulariser.
+
 The mean of cosine similarities to a class's references equals the dot product of the
 normalised embedding with the mean of the normalised references, so each class is reduced to
 one prototype vector: the memory does not grow with k or the number of repetitions l.
@@ -22,6 +25,7 @@ one prototype vector: the memory does not grow with k or the number of repetitio
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -29,9 +33,15 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from SemiSupSegLib.backend.methods.base import register_method
-from SemiSupSegLib.backend.methods.teacher_student import TeacherStudentMethod, ramp
-from SemiSupSegLib.backend.uncertainty import entropy
+from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.methods.base import StepResult, register_method
+from SemiSupSegLib.backend.methods.mn import MNMethod
+from SemiSupSegLib.backend.methods.teacher_student import (
+    TeacherStudentMethod,
+    ramp,
+    reliability_threshold,
+)
+from SemiSupSegLib.backend.uncertainty import entropy, mc_softmax, uncertainty_from_passes
 
 ABSENT = -1e4  # similarity given to classes without references (never chosen, zero softmax)
 
@@ -178,3 +188,122 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
             losses["entropy"] = (masked_mean(en, unreliable), weights["matching"])
         info["matching_classes"] = int(present.sum())
         return losses, info
+
+
+MN_EM_DEFAULTS: Dict[str, Any] = {
+    "dropout": 0.15,  # of the 3D network (the 2D model has none: its passes differ by noise)
+    "mc_passes": 2,
+    "teacher_noise": 0.01,
+    "uncertainty": "mean-entropy",
+    "disagreement": True,  # voxels where the 2D and 3D argmax differ are unreliable too
+    "entropy_weight": 0.125,  # final weight of L_EN on the 3D student, ramped
+    "ramp_fraction": 1.0,
+    "references_k": 16,
+    "references_repeats": 5,
+    "band": [1, 3],
+    "temperature": 1.0,
+}
+
+
+@register_method("mn+em")
+class MNEmbeddingMatchingMethod(MNMethod):
+    """M&N co-training (methods/mn.py, unchanged schedule and losses) where, when a model learns
+    from the other's pseudo-mask, the voxels the teacher is unsure of are labeled by embedding
+    matching instead (method.md §3).
+
+    Unsure: the teacher's Monte Carlo uncertainty (3D: dropout and input noise; 2D: input noise)
+    over the rising threshold, or 2D/3D disagreement. Matching runs in the 3D network's
+    embedding space (the 2D model has no embedding head): references from the labeled patches
+    of the batch, queries from the unlabeled ones; the matched label replaces the soft
+    pseudo-mask there (one-hot). When the 3D model is the student, L_EN on those voxels is
+    added with a ramped weight. M&N's options are taken as mn takes them; ``MN_EM_DEFAULTS``
+    are the matching ones.
+    """
+
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
+        own = {k: v for k, v in config.method_options.items() if k in MN_EM_DEFAULTS}
+        self.em_options = {**MN_EM_DEFAULTS, **own}
+        mn_config = dataclasses.replace(
+            config,
+            dropout=float(self.em_options["dropout"]),
+            method_options={
+                k: v for k, v in config.method_options.items() if k not in MN_EM_DEFAULTS
+            },
+        )
+        super().__init__(mn_config, num_classes, device)
+        self.rng = np.random.default_rng(config.seed + 7)
+        self.ramp_total = max(1.0, float(self.em_options["ramp_fraction"]) * config.iterations)
+        self._labeled: Optional[Dict[str, torch.Tensor]] = None
+        self._iteration = 0
+        self._matching: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._shares: list = []
+
+    def train_step(
+        self,
+        labeled: Dict[str, torch.Tensor],
+        unlabeled: Optional[Dict[str, torch.Tensor]],
+        iteration: int,
+    ) -> StepResult:
+        self._labeled, self._iteration, self._shares = labeled, iteration, []
+        result = super().train_step(labeled, unlabeled, iteration)
+        if self._shares:
+            result.info["unreliable_share"] = float(np.mean(self._shares))
+            result.info["reliable_share"] = 1.0 - result.info["unreliable_share"]
+        self._matching = None
+        return result
+
+    def _teach(self, teacher: str, images: torch.Tensor) -> torch.Tensor:
+        o = self.em_options
+        self._matching = None
+        network = self.net3d if teacher == "3d" else self.net2d
+        with self.autocast():
+            passes = mc_softmax(network, images, int(o["mc_passes"]), float(o["teacher_noise"]))
+        probs = passes.mean(0)
+        threshold = reliability_threshold(self._iteration, self.ramp_total, self.num_classes)
+        unreliable = uncertainty_from_passes(passes, o["uncertainty"]) >= threshold
+        label = self._labeled["label"]
+        image_l = self._labeled["image"].to(self.device, non_blocking=True)
+        self.net3d.eval()
+        self.net2d.eval()
+        with torch.no_grad(), self.autocast():
+            _, reference_features = self.net3d.forward_with_features(image_l)
+            logits_3d, query_features = self.net3d.forward_with_features(images)
+            if o["disagreement"]:
+                other = self.net2d(images) if teacher == "3d" else logits_3d
+                unreliable |= other.argmax(1) != probs.argmax(1)
+        references = reference_voxels(
+            label[:, 0].cpu().numpy(),
+            self.num_classes,
+            int(o["references_k"]),
+            int(o["references_repeats"]),
+            tuple(int(v) for v in o["band"]),
+            self.rng,
+        )
+        prototypes, present = class_prototypes(reference_features, references, self.num_classes)
+        self._shares.append(float(unreliable.float().mean()))
+        if int(present.sum()) < 2:
+            return probs
+        matched = match_similarities(query_features, prototypes, present).argmax(1)
+        onehot = F.one_hot(matched, self.num_classes).movedim(-1, 1).to(probs.dtype)
+        self._matching = (prototypes, present, unreliable)
+        return torch.where(unreliable[:, None], onehot, probs)
+
+    def _learn(self, student: str, images: torch.Tensor, target: torch.Tensor) -> float:
+        """The 3D student adds L_EN on the matched voxels; otherwise M&N's step unchanged."""
+        if student != "3d" or self._matching is None or not self.em_options["entropy_weight"]:
+            return super()._learn(student, images, target)
+        prototypes, present, unreliable = self._matching
+        weight = ramp(self._iteration, self.ramp_total, float(self.em_options["entropy_weight"]))
+        self.net3d.train()
+        with self.autocast():
+            logits, features = self.net3d.forward_with_features(images)
+            loss = self.loss(logits, target)
+        n_unlabeled = unreliable.shape[0]
+        similarity = match_similarities(features[-n_unlabeled:], prototypes, present)
+        regulariser = masked_mean(
+            matching_entropy(similarity, float(self.em_options["temperature"])), unreliable
+        )
+        total = loss + weight * regulariser
+        self.optimise(total, self.opt3d)
+        self.last_losses["entropy_3d"] = float(regulariser.detach())
+        return float(loss.detach())
