@@ -185,7 +185,11 @@ def test_mn_em_cotrains_a_few_iterations_on_hippocampus(few_cases, tmp_path):
             "patch_size": [16, 32, 32],
             "feature_channels": 8,
             "network_options": TINY_UNET,
-            "method_options": {"warmup_stage_fraction": 0.34, "train_slices": 4},
+            "method_options": {
+                "warmup_stage_fraction": 0.34,  # warm-up, then co-training with unlabeled
+                "train_slices": 2,
+                "encoder_weights": "none",
+            },
         }
     )
     events_path = tmp_path / "events.jsonl"
