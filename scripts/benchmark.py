@@ -39,13 +39,15 @@ PLOT = ROOT / "docs" / "benchmarks.png"
 CLASS_NAMES = {"1": "Anterior", "2": "Posterior"}
 
 
-def run_command(command: list, log: Path) -> tuple:
-    """Run ``command``; return (exit status, seconds, peak resident memory in MiB)."""
+def run_command(command: list, log: Path, threads: int) -> tuple:
+    """Run ``command`` with ``threads`` CPU threads; return (exit status, seconds, peak
+    resident memory in MiB)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.perf_counter()
     with open(log, "a", encoding="utf-8") as handle:
         handle.write("$ " + shlex.join(command) + "\n")
         handle.flush()
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
@@ -80,18 +82,18 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
         "--out", str(work / "run"), "--events", str(events), "--quiet",
     ] + [x for s in args.set for x in ("--set", s)]  # fmt: skip
-    status, train_seconds, peak_mib = run_command(train, log)
+    status, train_seconds, peak_mib = run_command(train, log, args.threads)
     if status != 0:
         raise SystemExit(f"training failed ({status}); see {log}")
     images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in split.test]
     predict = cli + ["predict", "--run", str(work / "run"), "--input", *images,
                      "--out", str(work / "predictions"), "--device", args.device, "--quiet"]  # fmt: skip
-    status, predict_seconds, _ = run_command(predict, log)
+    status, predict_seconds, _ = run_command(predict, log, args.threads)
     if status != 0:
         raise SystemExit(f"prediction failed ({status}); see {log}")
     evaluate = cli + ["evaluate", "--pred", str(work / "predictions"), "--truth", str(args.data),
                       "--out", str(work / "evaluation")]  # fmt: skip
-    status, _, _ = run_command(evaluate, log)
+    status, _, _ = run_command(evaluate, log, args.threads)
     if status != 0:
         raise SystemExit(f"evaluation failed ({status}); see {log}")
     summary = json.loads((work / "evaluation" / "summary.json").read_text())
@@ -104,6 +106,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "iterations": args.iterations,
         "settings": list(args.set),
         "test_cases": len(split.test),
+        "threads": args.threads,
         "train_seconds": round(train_seconds, 1),
         "predict_seconds": round(predict_seconds, 1),
         "iterations_per_second": training_rate(events),
@@ -148,7 +151,8 @@ def write_report(results: list) -> None:
         "used for training. Same 3D network and iteration budget for every method. Metrics on",
         "the 40 test cases by `semisupseg evaluate` (MONAI metrics; HD95 and ASD in mm); mean",
         "over cases, then mean ± std over seeds where there are several. Machine: 2 CPU cores,",
-        "no GPU (shared, so times are indicative; compare within one table).",
+        "no GPU, shared with other work: each run uses one CPU thread (`--threads 1`), so times",
+        "and it/s are indicative; compare them within one table.",
         "",
         "| method | labeled | seeds | Dice Ant. | Dice Post. | IoU Ant. | IoU Post. | HD95 Ant. (mm) | HD95 Post. (mm) | ASD Ant. (mm) | ASD Post. (mm) | train s | it/s | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -227,6 +231,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--set", action="append", default=[], help="extra training setting NAME=VALUE"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per run (default 1: several runs share a small machine without "
+        "oversubscribing it; it/s figures are per thread)",
     )
     parser.add_argument("--work", default=str(ROOT / "benchmark-runs"))
     parser.add_argument("--report-only", action="store_true")
