@@ -159,6 +159,7 @@ def _train(args: argparse.Namespace, events) -> None:
     from SemiSupSegLib.backend.cancellation import StopFlag
     from SemiSupSegLib.backend.config import TrainConfig, parse_setting
     from SemiSupSegLib.backend.training import train
+    from SemiSupSegLib.backend.validation import check_dataset
 
     dataset = _load_training_data(args)
     values = {"method": args.method, "device": args.device, "modality": dataset.modality}
@@ -173,7 +174,7 @@ def _train(args: argparse.Namespace, events) -> None:
         key, value = parse_setting(text)
         values[key] = value
     config = TrainConfig.from_dict(values).validate()
-    _validate(dataset, events, check_unlabeled=config.method != "supervised")
+    check_dataset(dataset, events, check_unlabeled=config.method != "supervised")
     with StopFlag().installed() as stop:
         train(dataset, config, args.out, events, stop, resume=args.resume, init_from=args.init_from)
 
@@ -204,19 +205,6 @@ def _load_training_data(args: argparse.Namespace):
     if args.labeled:
         dataset = with_labeled_subset(dataset, read_case_list(Path(args.labeled)))
     return dataset
-
-
-def _validate(dataset, events, check_unlabeled: bool) -> None:
-    from SemiSupSegLib.backend.validation import validate_dataset
-
-    events.emit(
-        "stage",
-        stage="validation",
-        message=f"checking {len(dataset.labeled)} labeled and "
-        f"{len(dataset.unlabeled) if check_unlabeled else 0} unlabeled case(s)",
-    )
-    for warning in validate_dataset(dataset, check_unlabeled=check_unlabeled):
-        events.warn(warning)
 
 
 def _predict(args: argparse.Namespace, events) -> None:

@@ -78,7 +78,7 @@ def run_demo(
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
     from SemiSupSegLib.backend.metrics import evaluate_folders, format_summary
     from SemiSupSegLib.backend.training import train
-    from SemiSupSegLib.backend.validation import validate_dataset
+    from SemiSupSegLib.backend.validation import check_dataset
 
     source = locate_hippocampus(data, events)
     dataset, test = demo_dataset(source)
@@ -88,8 +88,7 @@ def run_demo(
         f"MSD Hippocampus from {source}: {len(dataset.labeled)} labeled, "
         f"{len(dataset.unlabeled)} unlabeled training cases, {len(test)} test cases"
     )
-    for warning in validate_dataset(dataset, check_unlabeled=method != "supervised"):
-        events.warn(warning)
+    check_dataset(dataset, events, check_unlabeled=method != "supervised")
     values = {"method": method, "device": device, "modality": dataset.modality}
     if iterations:
         values["iterations"] = iterations

@@ -41,20 +41,13 @@ def run_job(
     """Run ``job_path`` end to end; returns the output paths also sent as the last event."""
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
     from SemiSupSegLib.backend.training import train
-    from SemiSupSegLib.backend.validation import validate_dataset
+    from SemiSupSegLib.backend.validation import check_dataset
 
     events = events or EventSink(quiet=True)
     job = JobSpec.load(job_path).resolve(job_path.parent)
     dataset = dataset_from_job(job)
     config = config_from_job(job)
-    events.emit(
-        "stage",
-        stage="validation",
-        message=f"checking the {len(dataset.labeled)} labeled "
-        f"and {len(dataset.unlabeled)} unlabeled case(s) of {job_path}",
-    )
-    for warning in validate_dataset(dataset, check_unlabeled=True):
-        events.warn(warning)
+    check_dataset(dataset, events)
 
     output = Path(job.output)
     run_dir = output / RUN_FOLDER

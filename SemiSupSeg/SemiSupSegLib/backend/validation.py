@@ -9,7 +9,7 @@ them while streaming volumes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -135,6 +135,19 @@ def validate_dataset(dataset: Dataset, check_unlabeled: bool = True) -> List[str
                     f"{dataset.source or 'dataset'}: class {value} ({name}) appears in no label map"
                 )
     return warnings
+
+
+def check_dataset(dataset: Dataset, events: Any, check_unlabeled: bool = True) -> None:
+    """Validate ``dataset`` before anything is written, telling ``events`` (an EventSink) what
+    is being checked and every warning; raises ``DataError`` like ``validate_dataset``."""
+    unlabeled = len(dataset.unlabeled) if check_unlabeled else 0
+    events.emit(
+        "stage",
+        stage="validation",
+        message=f"checking {len(dataset.labeled)} labeled and {unlabeled} unlabeled case(s)",
+    )
+    for warning in validate_dataset(dataset, check_unlabeled=check_unlabeled):
+        events.warn(warning)
 
 
 def _read_volume(path: PathLike, what: str) -> sitk.Image:
