@@ -114,7 +114,11 @@ def test_non_json_lines_go_to_the_log_and_the_log_is_capped():
 def test_describe_event():
     assert describeEvent(make_event("progress", stage="training", iteration=1, total=2)) is None
     assert describeEvent(make_event("error", message="boom")) == "Error: boom"
-    assert describeEvent(make_event("stage", stage="training", total=3)) == "[Training] 3 steps"
+    assert describeEvent(make_event("stage", stage="training", total=3)) == "[Training] at 0/3"
+    assert (
+        describeEvent(make_event("stage", stage="co-training", iteration=500, total=1500))
+        == "[Co-training] at 500/1500"
+    )
 
 
 def test_runner_with_an_injected_process():

@@ -68,8 +68,12 @@ def test_a_whole_round_with_the_real_backend(tmp_path):
     row = rows[0]
     assert row.round == 1 and row.status == "to review"
 
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")  # the user moved it
+    unlabeled.SetAndObserveTransformNodeID(transform.GetID())
     loaded = workflow.loadCase("case004")
     assert loaded.volume is unlabeled  # the scene's own volume, not a second copy
+    assert loaded.segmentation.GetTransformNodeID() == transform.GetID()
+    assert loaded.uncertainty.GetTransformNodeID() == transform.GetID()
     assert mrml_io.segmentNames(loaded.segmentation) == list(CLASS_NAMES)
     labeled_colours = mrml_io.segmentColours(pairs[0].labels)
     for name, colour in mrml_io.segmentColours(loaded.segmentation).items():

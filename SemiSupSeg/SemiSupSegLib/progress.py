@@ -66,8 +66,8 @@ def describeEvent(event: Dict[str, Any]) -> Optional[str]:
         outputs = event.get("outputs") or {}
         return "Wrote " + ", ".join(f"{k}: {v}" for k, v in outputs.items())
     if kind == "stage" and not message:
-        total = event.get("total")
-        suffix = f" {total} steps" if total else ""
+        total, iteration = event.get("total"), event.get("iteration", 0)
+        suffix = f" at {iteration}/{total}" if total else ""
         return f"[{stageTitle(stage)}]{suffix}"
     if message:
         return f"[{stageTitle(stage)}] {message}" if stage else str(message)

@@ -105,4 +105,9 @@ def loadReviewCase(
         )
         _tag(uncertainty, case, ROLE_UNCERTAINTY, number)
     setUncertaintyColours(scene, uncertainty, colourMap)
+    # results are in the volume's own (untransformed) grid: follow the volume's transform
+    transformId = volume.GetTransformNodeID()
+    for node in (segmentation, uncertainty):
+        if node.GetTransformNodeID() != transformId:
+            node.SetAndObserveTransformNodeID(transformId)
     return LoadedCase(case, number, volume, segmentation, uncertainty)
