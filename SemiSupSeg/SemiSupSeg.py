@@ -185,6 +185,13 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self.logic.dependencyProbe is None and not self.logic.checkingDependencies:
+            try:  # in the background: shows what is missing and the GPU
+                self.logic.startDependencyCheck(self._parameterNode)
+                self.ui.dependenciesLabel.text = _("checking...")
+                self.pollTimer.start()
+            except Exception as err:  # e.g. no external Python chosen yet: the user checks later
+                logging.info(f"SemiSupSeg: dependencies not checked ({err})")
 
     def exit(self) -> None:
         # the poll timer keeps running: a job continues while another module is shown
@@ -361,7 +368,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.enabled = bool(self.logic.missingRequirements())
         gpuText, hasGpu = describeGpu(result.asDict() if not result.error else None)
         self.ui.gpuLabel.text = _("GPU: {text}").format(text=gpuText)
-        if not hasGpu and self._parameterNode.device in ("auto", "cuda", "mps"):
+        if not hasGpu and self._parameterNode and self._parameterNode.device != "cpu":
             logging.warning("SemiSupSeg: no GPU found, training will run on the CPU")
 
     # ----------------------------------------------------------------------- run
