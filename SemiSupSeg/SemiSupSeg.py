@@ -364,7 +364,9 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _dependencyCheckFinished(self) -> None:
         result = self.logic.dependencyProbe
         self.ui.checkDependenciesButton.enabled = True
-        self.ui.dependenciesLabel.text = dependencies.summary(result, self.logic.requirements())
+        self.ui.dependenciesLabel.text = dependencies.summary(
+            result, self.logic.requirements(self._parameterNode)
+        )
         self.ui.installDependenciesButton.enabled = bool(self.logic.missingRequirements())
         gpuText, hasGpu = describeGpu(result.asDict() if not result.error else None)
         self.ui.gpuLabel.text = _("GPU: {text}").format(text=gpuText)
@@ -498,6 +500,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         self.workflow: Optional[Workflow] = None
         self.dependencyProbe: Optional[dependencies.ProbeResult] = None
         self._probeProcess = None
+        self._probeRequirements = []
         self.currentCase = None
 
     def getParameterNode(self):
@@ -528,8 +531,12 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             return slicer.util.startupEnvironment()
         return dict(os.environ)
 
-    def requirements(self):
-        return dependencies.readRequirements(self.resourcePath("requirements.txt"))
+    def requirements(self, p=None):
+        """requirements.txt; for an external Python also numpy, SimpleITK and scipy."""
+        requirements = dependencies.readRequirements(self.resourcePath("requirements.txt"))
+        if p is not None and p.useExternalPython:
+            requirements += list(dependencies.EXTERNAL_EXTRA_REQUIREMENTS)
+        return requirements
 
     def resourcePath(self, filename: str) -> str:
         return os.path.join(os.path.dirname(__file__), "Resources", filename)
@@ -693,7 +700,8 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
     def startDependencyCheck(self, p) -> None:
         """Run the probe in the chosen Python, in the background (poll with pollDependencyCheck)."""
-        command = dependencies.probeCommand(self.pythonExecutable(p), self.requirements())
+        command = dependencies.probeCommand(self.pythonExecutable(p), self.requirements(p))
+        self._probeRequirements = self.requirements(p)
         env = backendEnvironment(self.baseEnvironment(p))
         self.dependencyProbe = None
         self._probeProcess = self.processFactory(command, env=env).start()
@@ -715,7 +723,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
     def missingRequirements(self):
         if self.dependencyProbe is None or self.dependencyProbe.error:
             return []
-        return self.dependencyProbe.missing(self.requirements())
+        return self.dependencyProbe.missing(self._probeRequirements or self.requirements())
 
     def installPlan(self) -> dependencies.InstallPlan:
         pyTorchUtils = "PyTorchUtils" in slicer.util.moduleNames()

@@ -155,4 +155,6 @@ def test_an_external_python_must_be_chosen(module, tmp_path):
         logic.pythonExecutable(p)
     p.useExternalPython = False
     assert logic.pythonExecutable(p)  # PythonSlicer, or this Python outside Slicer
-    assert logic.requirements() == ["torch>=2.1", "monai>=1.4", "timm>=1.0", "einops>=0.6"]
+    assert logic.requirements(p) == ["torch>=2.1", "monai>=1.4", "timm>=1.0", "einops>=0.6"]
+    p.useExternalPython = True  # another Python may lack what Slicer ships
+    assert logic.requirements(p)[-3:] == ["numpy>=1.24", "SimpleITK>=2.2", "scipy>=1.10"]

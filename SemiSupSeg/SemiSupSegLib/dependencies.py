@@ -23,6 +23,8 @@ PROBE_MARKER = "SEMISUPSEG-PROBE "
 # Never installed or upgraded by this module: Slicer builds and ships them.
 SLICER_OWNED = ("numpy", "SimpleITK", "vtk")
 PROBED_PACKAGES = ("torch", "monai", "timm", "einops", "numpy", "SimpleITK", "scipy")
+# What an external environment needs on top: Slicer ships these, another Python may not.
+EXTERNAL_EXTRA_REQUIREMENTS = ("numpy>=1.24", "SimpleITK>=2.2", "scipy>=1.10")
 DEFAULT_REQUIREMENTS = ("torch>=2.1", "monai>=1.4", "timm>=1.0", "einops>=0.6")
 
 PROBE_CODE = r"""
