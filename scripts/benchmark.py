@@ -54,15 +54,21 @@ def run_command(command: list, log: Path, threads: int) -> tuple:
 
 
 def training_rate(events_path: Path) -> float | None:
-    """Iterations per second between the first and the last progress event of training."""
-    points = []
+    """Iterations per second over consecutive training progress events (a pause between a
+    cancel and a resume is left out)."""
+    iterations, seconds, previous = 0, 0.0, None
     for line in events_path.read_text(encoding="utf-8").splitlines():
         event = json.loads(line)
-        if event.get("event") == "progress" and event.get("stage") != "prediction":
-            points.append((event["time"], event["iteration"]))
-    if len(points) < 2 or points[-1][0] <= points[0][0]:
-        return None
-    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+        if event.get("event") != "progress" or event.get("stage") == "prediction":
+            if event.get("event") in ("cancelled", "start"):
+                previous = None
+            continue
+        point = (event["time"], event["iteration"])
+        if previous is not None and point[1] > previous[1]:
+            iterations += point[1] - previous[1]
+            seconds += point[0] - previous[0]
+        previous = point
+    return iterations / seconds if seconds > 0 else None
 
 
 def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int) -> dict:
@@ -74,17 +80,24 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     (work / "test.txt").write_text("\n".join(split.test) + "\n")
     cli = [sys.executable, "-m", "SemiSupSegLib.backend"]
     events = work / "events.jsonl"
-    if events.exists():
-        events.unlink()
+    # An interrupted run (checkpoint, no final model) resumes; anything else starts afresh.
+    resume = (work / "run" / "checkpoint.pt").exists() and not (work / "run" / "model.pt").exists()
+    if not resume:
+        for stale in (events, work / "train_seconds.txt"):
+            if stale.exists():
+                stale.unlink()
     train = cli + [
         "train", "--data", str(args.data), "--labeled", str(work / "labeled.txt"),
         "--exclude", str(work / "test.txt"), "--method", method, "--network", args.network,
         "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
         "--out", str(work / "run"), "--events", str(events), "--quiet",
-    ] + [x for s in args.set for x in ("--set", s)]  # fmt: skip
-    status, train_seconds, peak_mib = run_command(train, log, args.threads)
+    ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
+    status, seconds, peak_mib = run_command(train, log, args.threads)
+    earlier = work / "train_seconds.txt"
+    train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
+    earlier.write_text(str(train_seconds))
     if status != 0:
-        raise SystemExit(f"training failed ({status}); see {log}")
+        raise SystemExit(f"training failed ({status}); see {log}; run again to resume")
     images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in split.test]
     predict = cli + ["predict", "--run", str(work / "run"), "--input", *images,
                      "--out", str(work / "predictions"), "--device", args.device, "--quiet"]  # fmt: skip
