@@ -111,8 +111,9 @@ def train(
         stage="training",
         message=(
             f"training {config.method} ({config.network}) on {describe_device(device)}: "
-            f"{len(dataset.labeled)} labeled, {len(dataset.unlabeled)} unlabeled cases, "
-            f"{config.iterations} iterations"
+            f"{len(dataset.labeled)} labeled, "
+            + (f"{len(dataset.unlabeled)} unlabeled" if method.uses_unlabeled else "no unlabeled")
+            + f" cases, {config.iterations} iterations"
         ),
         total=config.iterations,
     )
