@@ -101,7 +101,12 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
     semisupseg, scene = module
     logic = semisupseg.SemiSupSegLogic()
     p = logic.getParameterNode()
-    assert (p.method, p.preset, p.device, p.colourMap) == ("mn+em", "standard", "auto", "Inferno")
+    assert (p.method, p.preset, p.device, p.colourMap) == (
+        "supervised",
+        "standard",
+        "auto",
+        "Inferno",
+    )
     assert logic.defaultOutputFolder() == tmp_path / "scenes" / "SemiSupSeg"
 
     volumes = []
