@@ -90,11 +90,17 @@ class Method:
         """The 3D network that ``predict`` uses."""
         raise NotImplementedError
 
-    def state_dict(self) -> Dict[str, Any]:
+    def stateful(self) -> Dict[str, Any]:
+        """What a checkpoint holds, by name: networks, optimisers, schedules, the AMP scaler
+        (anything with ``state_dict``/``load_state_dict``)."""
         raise NotImplementedError
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.stateful().items()}
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        raise NotImplementedError
+        for name, part in self.stateful().items():
+            part.load_state_dict(state[name])
 
     def warm_start(self, network_state: Dict[str, torch.Tensor]) -> None:
         """Start from a previous round's deployed weights (retraining after corrections)."""

@@ -256,26 +256,22 @@ class MNMethod(Method):
     def deploy_network(self) -> SegmentationNetwork:
         return self.net3d
 
-    def state_dict(self) -> Dict[str, Any]:
+    def stateful(self) -> Dict[str, Any]:
         return {
-            "net3d": self.net3d.state_dict(),
-            "net2d": self.net2d.state_dict(),
-            "opt3d": self.opt3d.state_dict(),
-            "opt2d": self.opt2d.state_dict(),
-            "sched3d": self.sched3d.state_dict(),
-            "sched2d": self.sched2d.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "last_losses": dict(self.last_losses),
+            "net3d": self.net3d,
+            "net2d": self.net2d,
+            "opt3d": self.opt3d,
+            "opt2d": self.opt2d,
+            "sched3d": self.sched3d,
+            "sched2d": self.sched2d,
+            "scaler": self.scaler,
         }
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "last_losses": dict(self.last_losses)}
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.net3d.load_state_dict(state["net3d"])
-        self.net2d.load_state_dict(state["net2d"])
-        self.opt3d.load_state_dict(state["opt3d"])
-        self.opt2d.load_state_dict(state["opt2d"])
-        self.sched3d.load_state_dict(state["sched3d"])
-        self.sched2d.load_state_dict(state["sched2d"])
-        self.scaler.load_state_dict(state["scaler"])
+        super().load_state_dict(state)
         self.last_losses = dict(state.get("last_losses", {}))
 
 

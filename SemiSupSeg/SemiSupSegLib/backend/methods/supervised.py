@@ -43,16 +43,10 @@ class SupervisedMethod(Method):
     def deploy_network(self) -> SegmentationNetwork:
         return self.network
 
-    def state_dict(self) -> Dict[str, Any]:
+    def stateful(self) -> Dict[str, Any]:
         return {
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "network": self.network,
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "scaler": self.scaler,
         }
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])

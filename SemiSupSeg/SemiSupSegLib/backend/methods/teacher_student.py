@@ -220,21 +220,14 @@ class TeacherStudentMethod(Method):
         self.student.load_state_dict(network_state)
         self.teacher.load_state_dict(network_state)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def stateful(self) -> Dict[str, Any]:
         return {
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "student": self.student,
+            "teacher": self.teacher,
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "scaler": self.scaler,
         }
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
 
 
 @register_method("mean-teacher")
