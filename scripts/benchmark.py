@@ -167,18 +167,21 @@ def write_report(results: list) -> None:
         "no GPU, shared with other work: each run uses one CPU thread (`--threads 1`), so times",
         "and it/s are indicative; compare them within one table.",
         "",
-        "| method | labeled | seeds | Dice Ant. | Dice Post. | IoU Ant. | IoU Post. | HD95 Ant. (mm) | HD95 Post. (mm) | ASD Ant. (mm) | ASD Post. (mm) | train s | it/s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | labeled | iterations | seeds | Dice Ant. | Dice Post. | IoU Ant. | IoU Post. | HD95 Ant. (mm) | HD95 Post. (mm) | ASD Ant. (mm) | ASD Post. (mm) | train s | it/s | threads | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (method, labels, _network, _its), runs in sorted(groups.items()):
+    for (method, labels, _network, its), runs in sorted(
+        groups.items(), key=lambda g: (-g[0][3], g[0][:3])
+    ):
         stats = []
         for metric, digits in (("dice", 3), ("iou", 3), ("hd95_mm", 2), ("asd_mm", 2)):
             for value in CLASS_NAMES:
                 stats.append(cell([class_stat(r["summary"], value, metric) for r in runs], digits))
         lines.append(
-            f"| {method} | {labels} | {len(runs)} | " + " | ".join(stats) + " | "
+            f"| {method} | {labels} | {its} | {len(runs)} | " + " | ".join(stats) + " | "
             + cell([r["train_seconds"] for r in runs], 0) + " | "
             + cell([r["iterations_per_second"] for r in runs], 2) + " | "
+            + ", ".join(sorted({str(r.get("threads", "2*")) for r in runs})) + " | "
             + cell([r["peak_memory_mib"] for r in runs], 0) + " |"
         )  # fmt: skip
     networks = sorted({(r["network"], r["iterations"]) for r in results})
@@ -186,7 +189,9 @@ def write_report(results: list) -> None:
         "",
         "Network and budget: "
         + "; ".join(f"`{n}`, {i} iterations" for n, i in networks)
-        + ". CPU defaults otherwise (see `TrainConfig`).",
+        + ". CPU defaults otherwise (see `TrainConfig`). `2*`: run before `--threads` existed,"
+        " with two threads while up to five runs shared the two cores; its time and it/s are"
+        " not comparable with the others.",
         "",
         "![Dice against the number of labeled cases](benchmarks.png)",
         "",
@@ -199,13 +204,18 @@ def write_report(results: list) -> None:
     REPORT.write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({m for m, *_ in groups}):
+    for method, budget in sorted({(m, i) for m, _, _, i in groups}):
         points = sorted(
             (labels, np.mean([np.mean([class_stat(r["summary"], v, "dice") for v in CLASS_NAMES]) for r in runs]))
-            for (m, labels, *_), runs in groups.items()
-            if m == method
+            for (m, labels, _, i), runs in groups.items()
+            if (m, i) == (method, budget)
         )  # fmt: skip
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            label=f"{method}, {budget} it",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("labeled training cases")
     ax.set_ylabel("mean foreground Dice (40 test cases)")
