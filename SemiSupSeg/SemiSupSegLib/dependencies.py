@@ -50,7 +50,7 @@ for name in sys.argv[1:] or __PACKAGES__:
             pass
     out["packages"][name] = version
 try:
-    import torch
+    torch = importlib.import_module("torch")  # in the probe's child process, never in Slicer
     info = {"installed": True, "version": torch.__version__, "cuda": torch.version.cuda,
             "cuda_devices": [], "mps": False}
     if torch.cuda.is_available():
