@@ -82,6 +82,23 @@ def reference_voxels(
     return {c: np.concatenate(parts) for c, parts in references.items()}
 
 
+def draw_references(
+    label: torch.Tensor,
+    num_classes: int,
+    options: Dict[str, Any],
+    rng: Optional[np.random.Generator],
+) -> Dict[int, np.ndarray]:
+    """``reference_voxels`` for a labeled batch (N, 1, z, y, x) with the method's k, l and band."""
+    return reference_voxels(
+        label[:, 0].cpu().numpy(),
+        num_classes,
+        int(options["references_k"]),
+        int(options["references_repeats"]),
+        tuple(int(v) for v in options["band"]),
+        rng,
+    )
+
+
 def class_prototypes(
     embeddings: torch.Tensor, references: Dict[int, np.ndarray], num_classes: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -163,14 +180,7 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
     ) -> Tuple[Dict[str, Tuple[torch.Tensor, float]], Dict[str, Any]]:
         o = self.options
         unreliable = ~reliable
-        references = reference_voxels(
-            label[:, 0].cpu().numpy(),
-            self.num_classes,
-            int(o["references_k"]),
-            int(o["references_repeats"]),
-            tuple(int(v) for v in o["band"]),
-            self.rng,
-        )
+        references = draw_references(label, self.num_classes, o, self.rng)
         image_l = labeled["image"].to(self.device, non_blocking=True)
         self.teacher.eval()
         with torch.no_grad(), self.autocast():
@@ -271,14 +281,7 @@ class MNEmbeddingMatchingMethod(MNMethod):
             if o["disagreement"]:
                 other = self.net2d(images) if teacher == "3d" else logits_3d
                 unreliable |= other.argmax(1) != probs.argmax(1)
-        references = reference_voxels(
-            label[:, 0].cpu().numpy(),
-            self.num_classes,
-            int(o["references_k"]),
-            int(o["references_repeats"]),
-            tuple(int(v) for v in o["band"]),
-            self.rng,
-        )
+        references = draw_references(label, self.num_classes, o, self.rng)
         prototypes, present = class_prototypes(reference_features, references, self.num_classes)
         self._shares.append(float(unreliable.float().mean()))
         if int(present.sum()) < 2:
