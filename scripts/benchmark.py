@@ -73,6 +73,8 @@ def training_rate(events_path: Path) -> float | None:
 
 def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int) -> dict:
     key = f"{method}-L{labels}-s{seed}-{args.network}-it{args.iterations}"
+    if args.variant:
+        key += f"-{args.variant}"
     work = Path(args.work) / key
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
@@ -113,6 +115,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     return {
         "key": key,
         "method": method,
+        "variant": args.variant,
         "labels": labels,
         "seed": seed,
         "network": args.network,
@@ -136,6 +139,12 @@ def class_stat(summary: dict, value: str, metric: str) -> float | None:
     return entry["mean"] if isinstance(entry, dict) else entry
 
 
+def method_label(result: dict) -> str:
+    """The method's name in the report, with the variant (non-default settings) if any."""
+    variant = result.get("variant")
+    return f"{result['method']} [{variant}]" if variant else result["method"]
+
+
 def write_report(results: list) -> None:
     import matplotlib
 
@@ -145,7 +154,9 @@ def write_report(results: list) -> None:
 
     groups: dict = {}
     for r in results:
-        groups.setdefault((r["method"], r["labels"], r["network"], r["iterations"]), []).append(r)
+        groups.setdefault((method_label(r), r["labels"], r["network"], r["iterations"]), []).append(
+            r
+        )
 
     def cell(values: list, digits: int) -> str:
         values = [v for v in values if v is not None]
@@ -192,6 +203,14 @@ def write_report(results: list) -> None:
         + ". CPU defaults otherwise (see `TrainConfig`). `2*`: run before `--threads` existed,"
         " with two threads while up to five runs shared the two cores; its time and it/s are"
         " not comparable with the others.",
+    ]
+    variants = sorted(
+        {(method_label(r), " ".join(r["settings"])) for r in results if r.get("variant")}
+    )
+    if variants:
+        lines += ["", "Variants (settings beside the defaults):", ""]
+        lines += [f"- `{name}`: `{settings}`" for name, settings in variants]
+    lines += [
         "",
         "![Dice against the number of labeled cases](benchmarks.png)",
         "",
@@ -261,6 +280,11 @@ def main() -> None:
         default=1,
         help="CPU threads per run (default 1: several runs share a small machine without "
         "oversubscribing it; it/s figures are per thread)",
+    )
+    parser.add_argument(
+        "--variant",
+        default="",
+        help="name for a run with non-default --set settings (kept apart in results and report)",
     )
     parser.add_argument("--work", default=str(ROOT / "benchmark-runs"))
     parser.add_argument("--report-only", action="store_true")

@@ -205,6 +205,7 @@ MN_EM_DEFAULTS: Dict[str, Any] = {
     "mc_passes": 2,
     "teacher_noise": 0.01,
     "uncertainty": "mean-entropy",
+    "threshold_scale": None,  # the threshold's final value (None: ln C)
     "disagreement": True,  # voxels where the 2D and 3D argmax differ are unreliable too
     "entropy_weight": 0.125,  # final weight of L_EN on the 3D student, ramped
     "ramp_fraction": 1.0,
@@ -269,7 +270,9 @@ class MNEmbeddingMatchingMethod(MNMethod):
         with self.autocast():
             passes = mc_softmax(network, images, int(o["mc_passes"]), float(o["teacher_noise"]))
         probs = passes.mean(0)
-        threshold = reliability_threshold(self._iteration, self.ramp_total, self.num_classes)
+        threshold = reliability_threshold(
+            self._iteration, self.ramp_total, self.num_classes, o["threshold_scale"]
+        )
         unreliable = uncertainty_from_passes(passes, o["uncertainty"]) >= threshold
         label = self._labeled["label"]
         image_l = self._labeled["image"].to(self.device, non_blocking=True)

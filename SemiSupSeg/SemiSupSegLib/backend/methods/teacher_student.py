@@ -41,9 +41,16 @@ def ramp(step: float, total: float, scale: float = 1.0) -> float:
     return scale * math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-def reliability_threshold(step: float, total: float, num_classes: int) -> float:
-    """The rising uncertainty threshold ``(0.75 + 0.25 ramp(t)) ln C`` (UA-MT, em)."""
-    return (0.75 + 0.25 * ramp(step, total)) * math.log(num_classes)
+def reliability_threshold(
+    step: float, total: float, num_classes: int, scale: Optional[float] = None
+) -> float:
+    """The rising uncertainty threshold ``(0.75 + 0.25 ramp(t)) ln C`` (UA-MT, em).
+
+    ``scale`` replaces ln C when given: with several classes a boundary voxel is torn between
+    two of them, so its entropy stays under ln 2 and a ln C threshold never rejects it.
+    """
+    top = math.log(num_classes) if scale is None else float(scale)
+    return (0.75 + 0.25 * ramp(step, total)) * top
 
 
 def ema_decay(step: int, decay: float) -> float:
@@ -74,6 +81,7 @@ class TeacherStudentMethod(Method):
         "student_noise": 0.02,  # and student
         "uncertainty": "entropy-of-mean",
         "uncertainty_filter": True,
+        "threshold_scale": None,  # the threshold's final value (None: ln C, as published)
         "consistency": "mse",  # "mse" of softmax (MT, UA-MT) or "ce" to the teacher argmax (em)
         "consistency_weight": 0.1,  # final value of the ramped weight
         "ramp_fraction": 1.0,  # the ramps reach their final values at this share of training
@@ -146,7 +154,9 @@ class TeacherStudentMethod(Method):
                 int(o["mc_chunk"]) or None,
             )
         teacher_probs = passes.mean(0)
-        threshold = reliability_threshold(iteration, self.ramp_total, self.num_classes)
+        threshold = reliability_threshold(
+            iteration, self.ramp_total, self.num_classes, o["threshold_scale"]
+        )
         if o["uncertainty_filter"]:
             uncertainty = uncertainty_from_passes(passes, o["uncertainty"])
             reliable = uncertainty < threshold
