@@ -91,6 +91,15 @@ def test_batch_composition_follows_the_stages():
     with pytest.raises(ConfigError, match="unknown mn setting"):
         create_method(_config(no_such_option=1), 3, torch.device("cpu"))
 
+    added = create_method(_config(unlabeled_mode="add"), 3, torch.device("cpu"))
+    compositions = [added.batch_composition(i) for i in range(10)]
+    assert all(n_l == 2 for n_l, _ in compositions)  # labeled patches never give way
+    unlabeled = [n_u for _, n_u in compositions]
+    assert unlabeled == sorted(unlabeled) and unlabeled[3] == 0 and unlabeled[-1] == 1
+    assert added.batch_composition(10**6)[1] == 2  # the whole batch size once the LR is 0
+    with pytest.raises(ConfigError, match="unlabeled_mode"):
+        create_method(_config(unlabeled_mode="mix"), 3, torch.device("cpu"))
+
 
 @pytest.mark.parametrize("alternation", ["iteration", "phase"])
 def test_who_teaches_whom(alternation):

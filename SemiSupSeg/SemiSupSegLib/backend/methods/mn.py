@@ -31,6 +31,11 @@ preset (1500 iterations of batch 4 on 32x48x32 patches instead of ~32k of batch 
 - ``train_slices`` (8): slices per patch the 2D student is trained on (a random subset, 0 =
   all), to keep the 2D step cheap on CPU; the 2D teacher always predicts every slice.
 - ``min_labeled`` (1): labeled patches kept in every batch.
+- ``unlabeled_mode``: ``replace`` (published: the unlabeled patches take the place of labeled
+  ones in a batch of ``batch_size``) or ``add`` (every batch keeps ``batch_size`` labeled
+  patches and the LR-guided count of unlabeled ones, 0 to ``batch_size``, comes on top: the
+  3D model then gets as much supervision per iteration as supervised training, at the cost of
+  larger batches late in training).
 
 Progress: stage "warm-up" / "co-training", a message naming who learns from whom, the batch's
 ``n_labeled``/``n_unlabeled``, both learning rates, and ``loss_3d``/``loss_2d``. ``predict``
@@ -74,6 +79,7 @@ DEFAULTS: Dict[str, Any] = {
     "phase_length": 8,
     "train_slices": 8,
     "min_labeled": 1,
+    "unlabeled_mode": "replace",
 }
 
 WARM_UP = "warm-up"
@@ -182,6 +188,8 @@ class MNMethod(Method):
         batch = self.config.batch_size
         if iteration < self.stage1:
             return batch, 0
+        if self.options["unlabeled_mode"] == "add":
+            return batch, lr_guided_unlabeled(batch, self.factor(iteration), 1.0, 0)
         unlabeled = lr_guided_unlabeled(
             batch, self.factor(iteration), 1.0, int(self.options["min_labeled"])
         )
@@ -288,6 +296,10 @@ def _options(config: TrainConfig) -> Dict[str, Any]:
     if options["alternation"] not in ("iteration", "phase"):
         raise ConfigError(
             f"method.alternation must be 'iteration' or 'phase', not {options['alternation']!r}"
+        )
+    if options["unlabeled_mode"] not in ("replace", "add"):
+        raise ConfigError(
+            f"method.unlabeled_mode must be 'replace' or 'add', not {options['unlabeled_mode']!r}"
         )
     if options["finetune"] not in ("all", "frozen"):
         raise ConfigError(f"method.finetune must be 'all' or 'frozen', not {options['finetune']!r}")
