@@ -8,7 +8,7 @@ the last convolution for any backbone, and keeps the methods model-agnostic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -102,7 +102,8 @@ def _swinunetr(in_channels: int, out_channels: int, dropout: float, **options: A
 class SegmentationNetwork(nn.Module):
     """Backbone -> embedding (normalised, activated) -> 1x1x1 classifier.
 
-    ``forward`` returns logits; ``forward_with_features`` also returns the embedding that
+    ``forward`` returns logits; ``forward_with_features`` (or ``forward(x, features=True)``, the
+    form a DistributedDataParallel wrapper passes through) also returns the embedding that
     embedding matching compares. The name and options are kept so a checkpoint can rebuild it.
     """
 
@@ -141,7 +142,12 @@ class SegmentationNetwork(nn.Module):
         features = self.embed(x)
         return self.classifier(features), features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, features: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Logits, or (logits, embedding) with ``features=True``."""
+        if features:
+            return self.forward_with_features(x)
         return self.classifier(self.embed(x))
 
 

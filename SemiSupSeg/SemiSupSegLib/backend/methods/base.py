@@ -11,6 +11,7 @@ from monai.losses import DiceCELoss
 from monai.optimizers import WarmupCosineSchedule
 from torch import nn
 
+from SemiSupSegLib.backend import distributed
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.networks import SegmentationNetwork, create_network
@@ -69,6 +70,7 @@ class Method:
         self.device = device
         self.use_amp = bool(config.mixed_precision and device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self._synced: Dict[int, nn.Module] = {}
 
     # --- what the loop calls
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
@@ -105,6 +107,23 @@ class Method:
     def warm_start(self, network_state: Dict[str, torch.Tensor]) -> None:
         """Start from a previous round's deployed weights (retraining after corrections)."""
         self.deploy_network().load_state_dict(network_state)
+
+    def distribute(self) -> None:
+        """Prepare data-parallel training under torchrun: every network in ``stateful`` with
+        trainable parameters gets a DistributedDataParallel wrapper (EMA teachers, whose
+        parameters are frozen, do not). The plain modules stay what checkpoints, teachers and
+        ``deploy_network`` use; training forwards go through ``synced``. No-op in one process.
+        Call after loading weights: the wrappers start every rank from rank 0's."""
+        self._synced = {}
+        for part in self.stateful().values():
+            if isinstance(part, nn.Module) and any(p.requires_grad for p in part.parameters()):
+                self._synced[id(part)] = distributed.replicate(part, self.device)
+
+    def synced(self, network: nn.Module) -> nn.Module:
+        """What a training forward of ``network`` calls: its DistributedDataParallel wrapper
+        under torchrun (the backward that follows averages gradients across ranks), else
+        ``network`` itself. Forwards without gradients (teachers) may use ``network``."""
+        return self._synced.get(id(network), network)
 
     # --- shared helpers
     def build_network(self, dropout: Optional[float] = None) -> SegmentationNetwork:

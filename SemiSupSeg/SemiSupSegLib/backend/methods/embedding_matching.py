@@ -302,7 +302,7 @@ class MNEmbeddingMatchingMethod(MNMethod):
         weight = ramp(self._iteration, self.ramp_total, float(self.em_options["entropy_weight"]))
         self.net3d.train()
         with self.autocast():
-            logits, features = self.net3d.forward_with_features(images)
+            logits, features = self.synced(self.net3d)(images, features=True)
             loss = self.loss(logits, target)
         n_unlabeled = unreliable.shape[0]
         similarity = match_similarities(features[-n_unlabeled:], prototypes, present)

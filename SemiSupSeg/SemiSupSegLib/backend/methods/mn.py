@@ -244,7 +244,7 @@ class MNMethod(Method):
             images, target = self._slice_subset(images, target)
         network.train()
         with self.autocast():
-            loss = self.loss(network(images), target)
+            loss = self.loss(self.synced(network)(images), target)
         self.optimise(loss, optimizer)
         return float(loss.detach())
 

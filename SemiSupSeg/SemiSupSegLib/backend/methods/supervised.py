@@ -36,7 +36,7 @@ class SupervisedMethod(Method):
         image = labeled["image"].to(self.device, non_blocking=True)
         label = labeled["label"].to(self.device, non_blocking=True)
         with self.autocast():
-            loss = self.loss(self.network(image), label)
+            loss = self.loss(self.synced(self.network)(image), label)
         self.optimise(loss, self.optimizer, self.schedule)
         return StepResult({"loss": float(loss.detach())}, {"lr": self.schedule.get_last_lr()[0]})
 

@@ -169,7 +169,7 @@ class TeacherStudentMethod(Method):
             both = both + torch.randn_like(both) * float(o["student_noise"])
         weights = self.weights(iteration)
         with self.autocast():
-            logits, features = self.student.forward_with_features(both)
+            logits, features = self.synced(self.student)(both, features=True)
             supervised = self.loss(logits[:n_l], label)
         logits_u = logits[n_l:].float()
         consistency = self.consistency_loss(logits_u, teacher_probs, reliable)
