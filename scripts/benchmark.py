@@ -94,6 +94,8 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
         "--out", str(work / "run"), "--events", str(events), "--quiet",
     ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
+    if args.init_from and not resume:
+        train += ["--init-from", str(Path(args.work) / args.init_from / "run")]
     status, seconds, peak_mib = run_command(train, log, args.threads)
     earlier = work / "train_seconds.txt"
     train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
@@ -121,6 +123,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "network": args.network,
         "iterations": args.iterations,
         "settings": list(args.set),
+        "init_from": args.init_from,
         "test_cases": len(split.test),
         "threads": args.threads,
         "train_seconds": round(train_seconds, 1),
@@ -285,6 +288,12 @@ def main() -> None:
         "--variant",
         default="",
         help="name for a run with non-default --set settings (kept apart in results and report)",
+    )
+    parser.add_argument(
+        "--init-from",
+        default="",
+        help="warm start from the model of an earlier run, by its key (e.g. "
+        "supervised-L8-s0-unet-it1500): retraining after corrections; use with --variant",
     )
     parser.add_argument("--work", default=str(ROOT / "benchmark-runs"))
     parser.add_argument("--report-only", action="store_true")
