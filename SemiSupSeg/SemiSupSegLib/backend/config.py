@@ -39,6 +39,7 @@ class TrainConfig:
     flip_axes: Tuple[int, ...] = ()
     cache_volumes: int = 64
     num_workers: int = 0
+    prefetch: int = 8
     checkpoint_every: int = 250
     log_every: int = 10
     method_options: Dict[str, Any] = field(default_factory=dict)

@@ -1,15 +1,22 @@
 """Training patches streamed from disk.
 
-Volumes are read when a patch is drawn from them and kept in a small LRU cache of bounded
-size, so memory does not grow with the number of volumes. Each stream is an endless
-``IterableDataset`` of single patches; a ``DataLoader`` with worker processes overlaps reading
-and augmentation with compute when ``num_workers`` > 0.
+Volumes are read when a patch is first drawn from them and kept, prepared, in an LRU cache
+bounded in count (``cache_volumes``) and in bytes (a share of the memory available when the
+stream starts), so memory does not grow with the number of volumes. Each stream is an endless
+``IterableDataset`` of single patches. Drawing overlaps compute either in a background thread
+per stream that keeps ``prefetch`` patches ready (``num_workers`` = 0, the default) or in
+``DataLoader`` worker processes (``num_workers`` > 0).
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+import weakref
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,28 +32,70 @@ from SemiSupSegLib.backend.preprocessing import (
 )
 from SemiSupSegLib.backend.volumes import read_image
 
+#: Share of the memory available when a stream starts that its volume cache may hold.
+CACHE_MEMORY_SHARE = 0.25
+
+
+@dataclass
+class CachedVolume:
+    """What a patch is cut from: the prepared (1, z, y, x) image and label arrays only (the
+    SimpleITK images that prediction needs for geometry would double the memory per entry)."""
+
+    image: np.ndarray
+    label: Optional[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + (0 if self.label is None else self.label.nbytes)
+
 
 class VolumeCache:
-    """Least-recently-used cache of prepared volumes, at most ``capacity`` of them."""
+    """Least-recently-used cache of prepared volumes: at most ``capacity`` of them and at most
+    ``max_bytes`` of arrays (no byte limit when None). Counts hits and misses."""
 
-    def __init__(self, config: TrainConfig, capacity: int) -> None:
+    def __init__(self, config: TrainConfig, capacity: int, max_bytes: Optional[int] = None) -> None:
         self.config = config
         self.capacity = max(0, int(capacity))
-        self._items: OrderedDict[str, PreparedVolume] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[str, CachedVolume] = OrderedDict()
 
-    def get(self, case: Case) -> PreparedVolume:
+    def get(self, case: Case) -> CachedVolume:
         if case.name in self._items:
+            self.hits += 1
             self._items.move_to_end(case.name)
             return self._items[case.name]
-        volume = load_case(case, self.config)
+        self.misses += 1
+        prepared = load_case(case, self.config)
+        volume = CachedVolume(prepared.image, prepared.label)
         if self.capacity:
             self._items[case.name] = volume
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self.nbytes += volume.nbytes
+            while len(self._items) > self.capacity or (
+                self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._items) > 1
+            ):
+                _, dropped = self._items.popitem(last=False)
+                self.nbytes -= dropped.nbytes
         return volume
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of physical memory available now, or None where the platform does not say."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil is optional; fall back to sysconf
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def load_case(case: Case, config: TrainConfig) -> PreparedVolume:
@@ -59,7 +108,11 @@ def load_case(case: Case, config: TrainConfig) -> PreparedVolume:
 
 
 class PatchStream(IterableDataset):
-    """Endless random patches from ``cases``: image and label when ``labeled``, else image."""
+    """Endless random patches from ``cases``: image and label when ``labeled``, else image.
+
+    The order of patches depends only on ``seed`` (and the worker's index in a DataLoader),
+    not on when or in which thread they are drawn.
+    """
 
     def __init__(
         self, cases: Sequence[Case], config: TrainConfig, labeled: bool, seed: int
@@ -71,6 +124,7 @@ class PatchStream(IterableDataset):
         self.config = config
         self.labeled = labeled
         self.seed = seed
+        self.cache: Optional[VolumeCache] = None  # the last iterator's, for reports
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -81,7 +135,10 @@ class PatchStream(IterableDataset):
         )
         transform.set_random_state(seed=int(rng.integers(2**31)))
         workers = 1 if info is None else info.num_workers
-        cache = VolumeCache(self.config, max(1, self.config.cache_volumes // workers))
+        available = available_memory()
+        budget = None if available is None else int(CACHE_MEMORY_SHARE * available / 2 / workers)
+        cache = VolumeCache(self.config, max(1, self.config.cache_volumes // workers), budget)
+        self.cache = cache
         while True:
             case = self.cases[int(rng.integers(len(self.cases)))]
             volume = cache.get(case)
@@ -97,6 +154,78 @@ class PatchStream(IterableDataset):
             yield out
 
 
+class _Failure:
+    """An exception raised while drawing, handed to the consumer in place of an item."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _produce(iterator: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for item in iterator:
+            if stop.is_set():
+                return
+            out.put(item)  # blocks while the queue is full; close() drains it
+            if stop.is_set():
+                return
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+        if not stop.is_set():
+            out.put(_Failure(error))
+
+
+def _shutdown(out: queue.Queue, stop: threading.Event) -> None:
+    stop.set()
+    try:
+        while True:
+            out.get_nowait()
+    except queue.Empty:
+        pass
+
+
+class Prefetcher:
+    """Draws from ``iterator`` in one background thread, keeping up to ``depth`` items ready.
+
+    A single producer keeps the items in the iterator's order, so a seeded stream yields the
+    same items with or without prefetching; the thread only moves the drawing into the time
+    the caller spends computing. An exception in the producer is raised by ``next``. The
+    thread is a daemon and stops on ``close()`` or when the prefetcher is garbage-collected,
+    so neither a finished nor a cancelled run waits for it.
+    """
+
+    def __init__(self, iterator: Iterator, depth: int, name: str = "prefetch") -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._failure: Optional[_Failure] = None
+        self._thread = threading.Thread(
+            target=_produce, args=(iterator, self._queue, self._stop), name=name, daemon=True
+        )
+        self._finalizer = weakref.finalize(self, _shutdown, self._queue, self._stop)
+        self._thread.start()
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self._failure is None:
+            if self._stop.is_set():
+                raise StopIteration
+            item = self._queue.get()
+            if not isinstance(item, _Failure):
+                return item
+            self._failure = item
+        raise self._failure.error
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the producer and wait (at most ``timeout`` s) for it to finish its item."""
+        self._finalizer()
+        self._thread.join(timeout)
+
+
 class BatchSource:
     """Draws any number of labeled and unlabeled patches per iteration and stacks them."""
 
@@ -107,11 +236,12 @@ class BatchSource:
         config: TrainConfig,
         seed: int,
     ) -> None:
-        self._labeled = _endless(PatchStream(labeled, config, True, seed), config.num_workers)
+        self.streams: List[PatchStream] = [PatchStream(labeled, config, True, seed)]
+        self._labeled = _endless(self.streams[0], config)
         self._unlabeled: Optional[Iterator] = None
         if unlabeled:
-            stream = PatchStream(unlabeled, config, False, seed + 1)
-            self._unlabeled = _endless(stream, config.num_workers)
+            self.streams.append(PatchStream(unlabeled, config, False, seed + 1))
+            self._unlabeled = _endless(self.streams[1], config)
 
     @property
     def has_unlabeled(self) -> bool:
@@ -125,14 +255,29 @@ class BatchSource:
             raise RuntimeError("this run has no unlabeled images")
         return _stack([next(self._unlabeled) for _ in range(count)])
 
+    def close(self) -> None:
+        """Stop background drawing (prefetch threads); worker processes end with the source."""
+        for stream in (self._labeled, self._unlabeled):
+            if isinstance(stream, Prefetcher):
+                stream.close()
 
-def _endless(stream: PatchStream, num_workers: int) -> Iterator:
-    if num_workers <= 0:
-        return iter(stream)
+    def __enter__(self) -> BatchSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _endless(stream: PatchStream, config: TrainConfig) -> Iterator:
+    if config.num_workers <= 0:
+        if config.prefetch <= 0:
+            return iter(stream)
+        kind = "labeled" if stream.labeled else "unlabeled"
+        return Prefetcher(iter(stream), config.prefetch, name=f"prefetch-{kind}-patches")
     loader = DataLoader(
         stream,
         batch_size=None,
-        num_workers=num_workers,
+        num_workers=config.num_workers,
         persistent_workers=True,
         prefetch_factor=4,
         pin_memory=torch.cuda.is_available(),

@@ -109,16 +109,15 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def probabilities(self, volume: PreparedVolume, mc_samples: int = 1) -> tuple:
-        """Class probabilities (C, z, y, x) and uncertainty (z, y, x) on the working grid.
+    def sliding_window(self, image: torch.Tensor, mc_samples: int = 1) -> torch.Tensor:
+        """Gaussian-blended logits (1, passes * C, z, y, x) of ``image`` (1, 1, z, y, x), on
+        the device: all the network work of a prediction.
 
-        With ``mc_samples`` > 1 the Monte Carlo dropout passes run batched inside each sliding
-        window (copies of the window in one forward, at most ``mc_chunk`` at a time) and are
-        blended per pass; the map is the mean of the passes' entropies.
+        ``sw_batch_size`` windows go through the network per forward; with ``mc_samples`` > 1
+        the Monte Carlo dropout passes are copies of those windows in the same forward (at
+        most ``mc_chunk`` copies at a time), blended per pass as extra channels.
         """
-        image = torch.as_tensor(volume.image[None], device=self.device)
         passes = max(1, mc_samples)
-        num_classes = int(self.network.spec["num_classes"])
         self.network.eval()
         if passes > 1:
             enable_mc_dropout(self.network)
@@ -129,7 +128,7 @@ class Predictor:
             return out.transpose(0, 1).reshape(window.shape[0], -1, *out.shape[3:])
 
         try:
-            logits = sliding_window_inference(
+            return sliding_window_inference(
                 image,
                 self.roi_size,
                 self.sw_batch_size,
@@ -140,6 +139,18 @@ class Predictor:
             )
         finally:
             self.network.eval()
+
+    @torch.no_grad()
+    def probabilities(self, volume: PreparedVolume, mc_samples: int = 1) -> tuple:
+        """Class probabilities (C, z, y, x) and uncertainty (z, y, x) on the working grid.
+
+        With ``mc_samples`` > 1 the Monte Carlo dropout passes run batched inside each sliding
+        window (see ``sliding_window``); the map is the mean of the passes' entropies.
+        """
+        image = torch.as_tensor(volume.image[None], device=self.device)
+        passes = max(1, mc_samples)
+        num_classes = int(self.network.spec["num_classes"])
+        logits = self.sliding_window(image, passes)
         stacked = torch.softmax(
             logits.float()[0].reshape(passes, num_classes, *logits.shape[2:]), dim=1
         )[:, None]
