@@ -30,7 +30,12 @@ from SemiSupSegLib.backend.methods.base import (
     segmentation_loss,
 )
 from SemiSupSegLib.backend.networks import SegmentationNetwork
-from SemiSupSegLib.backend.uncertainty import UNCERTAINTY_KINDS, mc_softmax, uncertainty_from_passes
+from SemiSupSegLib.backend.uncertainty import (
+    UNCERTAINTY_KINDS,
+    class_argmax,
+    mc_softmax,
+    uncertainty_from_passes,
+)
 
 
 def ramp(step: float, total: float, scale: float = 1.0) -> float:
@@ -203,7 +208,7 @@ class TeacherStudentMethod(Method):
         mask = reliable.float()
         count = mask.sum().clamp_min(1.0)
         if self.options["consistency"] == "ce":
-            per_voxel = F.cross_entropy(logits_u, teacher_probs.argmax(1), reduction="none")
+            per_voxel = F.cross_entropy(logits_u, class_argmax(teacher_probs), reduction="none")
         else:
             per_voxel = ((torch.softmax(logits_u, 1) - teacher_probs) ** 2).mean(1)
         return (per_voxel * mask).sum() / count
