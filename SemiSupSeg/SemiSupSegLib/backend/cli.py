@@ -6,7 +6,7 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from SemiSupSegLib.protocol import (
     EXIT_CANCELLED,
@@ -17,6 +17,9 @@ from SemiSupSegLib.protocol import (
     ProtocolError,
     case_name_from_path,
 )
+
+if TYPE_CHECKING:
+    from SemiSupSegLib.backend.distributed import World
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar or messages on stderr")
         p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
-    train = sub.add_parser("train", help="train a model from labeled (and unlabeled) volumes")
+    train = sub.add_parser(
+        "train",
+        help="train a model from labeled (and unlabeled) volumes",
+        description="Train a model from labeled (and unlabeled) volumes. On several GPUs: "
+        "torchrun --nproc_per_node=N -m SemiSupSegLib.backend train ... (each process trains "
+        "batch_size patches per iteration; rank 0 writes the outputs).",
+    )
     train.add_argument(
         "--data",
         help="an MSD/nnU-Net dataset.json, or a folder with one, or a folder "
@@ -118,11 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from SemiSupSegLib.backend.distributed import launched
     from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
     from SemiSupSegLib.backend.events import EventSink
 
-    events = EventSink(getattr(args, "events", None), quiet=getattr(args, "quiet", False))
+    world = launched()
+    if world.is_main:
+        events = EventSink(getattr(args, "events", None), quiet=getattr(args, "quiet", False))
+    else:  # torchrun: rank 0 reports; the others write nothing and print only their errors
+        events = EventSink(quiet=True)
     try:
+        if world.enabled and args.command != "train":
+            raise ConfigError(
+                f"only train runs on several processes (torchrun), not {args.command}"
+            )
         handler = {
             "train": _train,
             "predict": _predict,
@@ -139,17 +157,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_CANCELLED
     except (DataError, ConfigError, ProtocolError, FileNotFoundError) as err:
         events.emit("error", stage=args.command, message=str(err), errors=[str(err)])
+        _rank_error(world, str(err))
         if getattr(args, "debug", False):
             traceback.print_exc()
         return EXIT_FAILED
     except Exception as err:  # noqa: BLE001 - report every failure to the GUI, then exit non-zero
         message = f"{type(err).__name__}: {err}"
         events.emit("error", stage=args.command, message=message, errors=[traceback.format_exc()])
+        _rank_error(world, message)
         if getattr(args, "debug", False):
             traceback.print_exc()
         return EXIT_FAILED
     finally:
         events.close()
+
+
+def _rank_error(world: World, message: str) -> None:
+    """Show an error of a rank other than 0 on stderr (its events go nowhere)."""
+    if not world.is_main:
+        print(f"rank {world.rank}: error: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -23,7 +23,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, List, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -140,16 +140,32 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def replicate(module: nn.Module, device: torch.device) -> nn.Module:
+def replicate(
+    module: nn.Module, device: torch.device, find_unused_parameters: bool = False
+) -> nn.Module:
     """``module`` wrapped in DistributedDataParallel when a process group is open, else itself.
 
-    DDP broadcasts rank 0's parameters and buffers at construction and averages gradients in
-    every backward that follows a forward *through the wrapper*.
+    DDP broadcasts rank 0's parameters and buffers at construction (and its buffers before
+    every forward) and averages gradients in every backward that follows a forward *through
+    the wrapper*. ``find_unused_parameters`` is for modules whose forward leaves some
+    trainable parameters out of the result (a cost per step: DDP then walks the graph).
     """
     if not active():
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
+    return DistributedDataParallel(
+        module, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
+
+
+def share_buffers(modules: Iterable[nn.Module]) -> None:
+    """Give every rank rank 0's buffers (e.g. BatchNorm statistics), as DDP does before each
+    forward: after the last step the ranks' own updates have made them differ."""
+    if not active():
+        return
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def shard(items: Sequence[T], world: World) -> List[T]:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch
 from monai.utils import set_determinism
 
+from SemiSupSegLib.backend import distributed
 from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.checkpoint import (
     CHECKPOINT_NAME,
@@ -64,8 +66,16 @@ def train(
     Writes ``checkpoint.pt`` (resumable) every ``checkpoint_every`` iterations and at the end,
     and ``model.pt`` (what ``predict`` loads). Raises CancelledError after saving a checkpoint
     when ``stop`` is set (SIGINT/SIGTERM).
+
+    Under ``torchrun`` every rank runs this function (module ``distributed``): the networks
+    trained by gradient are DistributedDataParallel replicas, each rank draws its own patches
+    (its shard of the unlabeled cases, a labeled stream seeded per rank) and trains
+    ``batch_size`` of them per iteration, so the effective batch is ``world size x batch_size``
+    (the reported losses are rank 0's). Only rank 0 writes into ``run_dir`` and emits events;
+    the ranks agree every iteration whether to stop, so a cancel stops all of them at once.
     """
-    events = events or EventSink(quiet=True)
+    world = distributed.launched()
+    events = events if events is not None and world.is_main else EventSink(quiet=True)
     stop = stop or StopFlag()
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -85,8 +95,36 @@ def train(
     config = adjust_patch_size(config.validate(), events)
 
     device = select_device(config.device)
+    with distributed.process_group(device) as world:
+        return _train(
+            dataset,
+            config,
+            run_dir,
+            events,
+            stop,
+            state,
+            init_from,
+            world,
+            distributed.rank_device(device, world),
+        )
+
+
+def _train(
+    dataset: Dataset,
+    config: TrainConfig,
+    run_dir: Path,
+    events: EventSink,
+    stop: StopFlag,
+    state: Optional[Dict[str, Any]],
+    init_from: Optional[str | Path],
+    world: distributed.World,
+    device: torch.device,
+) -> TrainResult:
+    """``train`` once the config and device are settled, on one rank (or the only process)."""
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    main = world.is_main
     num_classes = max(dataset.classes) + 1
-    set_determinism(seed=config.seed)
+    set_determinism(seed=config.seed)  # the same initial weights on every rank
     method = create_method(config, num_classes, device)
     if method.uses_unlabeled and not dataset.unlabeled:
         raise ConfigError(
@@ -103,15 +141,24 @@ def train(
         previous = load_checkpoint(init_from)
         method.warm_start(previous["model"]["state_dict"])
         events.log(f"warm start from {init_from}")
+    method.distribute()
+    if world.rank > 0:  # dropout and noise of their own; rank 0 keeps the single-process stream
+        set_determinism(seed=distributed.rank_seed(config.seed * 1000 + start, world))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_files(run_dir, config, dataset)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_files(run_dir, config, dataset)
     events.emit(
         "start",
         stage="training",
         message=(
-            f"training {config.method} ({config.network}) on {describe_device(device)}: "
-            f"{len(dataset.labeled)} labeled, "
+            f"training {config.method} ({config.network}) on {describe_device(device)}"
+            + (
+                f" x {world.size} processes (batch {world.size} x {config.batch_size})"
+                if world.enabled
+                else ""
+            )
+            + f": {len(dataset.labeled)} labeled, "
             + (f"{len(dataset.unlabeled)} unlabeled" if method.uses_unlabeled else "no unlabeled")
             + f" cases, {config.iterations} iterations"
         ),
@@ -120,9 +167,9 @@ def train(
 
     source = BatchSource(
         dataset.labeled,
-        dataset.unlabeled if method.uses_unlabeled else [],
+        distributed.shard(dataset.unlabeled, world) if method.uses_unlabeled else [],
         config,
-        seed=config.seed * 1000 + start,
+        seed=distributed.rank_seed(config.seed * 1000 + start, world),
     )
 
     def payload(iteration: int) -> Dict[str, Any]:
@@ -142,8 +189,10 @@ def train(
     iteration = start
     last_stage = None
     for iteration in range(start, config.iterations):
-        if stop.requested:
-            save_checkpoint(checkpoint_path, payload(iteration))
+        if distributed.any_rank(stop.requested):
+            if main:
+                save_checkpoint(checkpoint_path, payload(iteration))
+            distributed.barrier()
             events.emit(
                 "cancelled",
                 stage="training",
@@ -175,18 +224,23 @@ def train(
                 message=result.info.get("message"),
             )
         if (
-            config.checkpoint_every
+            main
+            and config.checkpoint_every
             and done % config.checkpoint_every == 0
             and done < config.iterations
         ):
             save_checkpoint(checkpoint_path, payload(done))
 
-    final = payload(config.iterations)
-    save_checkpoint(checkpoint_path, final)
-    save_checkpoint(
-        run_dir / MODEL_NAME,
-        {k: final[k] for k in ("iteration", "config", "classes", "model", "preprocessing")},
-    )
+    method.share_buffers()
+    if main:
+        final = payload(config.iterations)
+        save_checkpoint(checkpoint_path, final)
+        save_checkpoint(
+            run_dir / MODEL_NAME,
+            {k: final[k] for k in ("iteration", "config", "classes", "model", "preprocessing")},
+        )
+    distributed.dump_rank_state(method.state_dict(), world)
+    distributed.barrier()  # every rank ends once the outputs are written
     seconds = time.perf_counter() - started
     events.emit(
         "output",

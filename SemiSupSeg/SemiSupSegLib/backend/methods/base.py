@@ -117,7 +117,15 @@ class Method:
         self._synced = {}
         for part in self.stateful().values():
             if isinstance(part, nn.Module) and any(p.requires_grad for p in part.parameters()):
-                self._synced[id(part)] = distributed.replicate(part, self.device)
+                # A SegmentationNetwork uses every parameter in every forward; other models
+                # may not (timm feature encoders run stages whose output they do not return).
+                unused = not isinstance(part, SegmentationNetwork)
+                self._synced[id(part)] = distributed.replicate(part, self.device, unused)
+
+    def share_buffers(self) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm statistics) of every network, so all
+        replicas end identical; no-op in one process."""
+        distributed.share_buffers(p for p in self.stateful().values() if isinstance(p, nn.Module))
 
     def synced(self, network: nn.Module) -> nn.Module:
         """What a training forward of ``network`` calls: its DistributedDataParallel wrapper
