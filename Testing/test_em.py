@@ -49,7 +49,11 @@ def test_em_final_weights_and_dropout_option():
     method = create_method(config, 3, torch.device("cpu"))
     assert method.weights(100) == {"consistency": 0.25, "matching": 0.125}
     assert method.deploy_network().spec["dropout"] == 0.15
-    assert method.batch_composition(0) == (2, 2)  # batch_size 4: as many labeled as unlabeled
+    assert method.batch_composition(0) == (4, 2)  # batch_size 4 labeled, half as many unlabeled
+    published = config.with_setting("method.unlabeled_batch", 0)
+    assert create_method(published, 3, torch.device("cpu")).batch_composition(0) == (2, 2)
+    added = config.with_setting("method.unlabeled_batch", 3)
+    assert create_method(added, 3, torch.device("cpu")).batch_composition(0) == (4, 3)
     override = config.with_setting("method.dropout", 0.0)
     assert create_method(override, 3, torch.device("cpu")).deploy_network().spec["dropout"] == 0
     mt = TrainConfig.from_dict({"method": "mean-teacher", "dropout": 0.05})

@@ -90,7 +90,7 @@ class TeacherStudentMethod(Method):
         "consistency": "mse",  # "mse" of softmax (MT, UA-MT) or "ce" to the teacher argmax (em)
         "consistency_weight": 0.1,  # final value of the ramped weight
         "ramp_fraction": 1.0,  # the ramps reach their final values at this share of training
-        "unlabeled_batch": 0,  # unlabeled patches per batch (0: half of batch_size, see below)
+        "unlabeled_batch": None,  # unlabeled patches per batch; see batch_composition
         "deploy": "teacher",  # which network predict uses: "teacher" or "student"
     }
 
@@ -123,12 +123,17 @@ class TeacherStudentMethod(Method):
 
     # --- the loop's questions
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
-        """As many labeled as unlabeled patches, ``batch_size`` in all (as UA-MT's code counts
-        a batch): the student sees as many patches per step as supervised training does.
-        ``unlabeled_batch`` > 0 instead adds that many unlabeled to ``batch_size`` labeled."""
+        """``batch_size`` labeled patches plus ``unlabeled_batch`` unlabeled ones (default
+        None: half of ``batch_size``), so the student gets as much supervision per iteration as
+        supervised training at the same budget. ``unlabeled_batch=0`` is the published split
+        instead (UA-MT's code: ``batch_size`` in all, half labeled, half unlabeled); on the
+        benchmark it halves the labeled patches a fixed budget sees."""
         b = self.config.batch_size
-        if int(self.options["unlabeled_batch"]) > 0:
-            return b, int(self.options["unlabeled_batch"])
+        extra = self.options["unlabeled_batch"]
+        if extra is None:
+            return b, max(1, b // 2)
+        if int(extra) > 0:
+            return b, int(extra)
         return max(1, (b + 1) // 2), max(1, b // 2)
 
     def weights(self, iteration: int) -> Dict[str, float]:
