@@ -188,48 +188,53 @@ def _train(
     losses: Dict[str, float] = {}
     iteration = start
     last_stage = None
-    for iteration in range(start, config.iterations):
-        if distributed.any_rank(stop.requested):
-            if main:
-                save_checkpoint(checkpoint_path, payload(iteration))
-            distributed.barrier()
-            events.emit(
-                "cancelled",
-                stage="training",
-                iteration=iteration,
-                total=config.iterations,
-                message=f"cancelled at iteration {iteration}; checkpoint saved, --resume continues",
-                outputs={"checkpoint": str(checkpoint_path)},
-            )
-            raise CancelledError(f"cancelled at iteration {iteration}")
-        stage = method.stage(iteration)
-        if stage != last_stage:
-            events.emit("stage", stage=stage, iteration=iteration, total=config.iterations)
-            last_stage = stage
-        n_labeled, n_unlabeled = method.batch_composition(iteration)
-        labeled = source.labeled(n_labeled)
-        unlabeled = source.unlabeled(n_unlabeled) if n_unlabeled else None
-        result = method.train_step(labeled, unlabeled, iteration)
-        losses = result.losses
-        rate.step()
-        done = iteration + 1
-        if done % config.log_every == 0 or done == config.iterations:
-            events.progress(
-                stage,
-                done,
-                config.iterations,
-                loss=losses,
-                eta=rate.eta(config.iterations - done),
-                metrics={k: v for k, v in result.info.items() if isinstance(v, (int, float))},
-                message=result.info.get("message"),
-            )
-        if (
-            main
-            and config.checkpoint_every
-            and done % config.checkpoint_every == 0
-            and done < config.iterations
-        ):
-            save_checkpoint(checkpoint_path, payload(done))
+    # The prefetch threads must stop before the interpreter does: a thread still inside a
+    # torch call at exit aborts the process ("terminate called without an active exception").
+    try:
+        for iteration in range(start, config.iterations):
+            if distributed.any_rank(stop.requested):
+                if main:
+                    save_checkpoint(checkpoint_path, payload(iteration))
+                distributed.barrier()
+                events.emit(
+                    "cancelled",
+                    stage="training",
+                    iteration=iteration,
+                    total=config.iterations,
+                    message=f"cancelled at iteration {iteration}; checkpoint saved, --resume continues",
+                    outputs={"checkpoint": str(checkpoint_path)},
+                )
+                raise CancelledError(f"cancelled at iteration {iteration}")
+            stage = method.stage(iteration)
+            if stage != last_stage:
+                events.emit("stage", stage=stage, iteration=iteration, total=config.iterations)
+                last_stage = stage
+            n_labeled, n_unlabeled = method.batch_composition(iteration)
+            labeled = source.labeled(n_labeled)
+            unlabeled = source.unlabeled(n_unlabeled) if n_unlabeled else None
+            result = method.train_step(labeled, unlabeled, iteration)
+            losses = result.losses
+            rate.step()
+            done = iteration + 1
+            if done % config.log_every == 0 or done == config.iterations:
+                events.progress(
+                    stage,
+                    done,
+                    config.iterations,
+                    loss=losses,
+                    eta=rate.eta(config.iterations - done),
+                    metrics={k: v for k, v in result.info.items() if isinstance(v, (int, float))},
+                    message=result.info.get("message"),
+                )
+            if (
+                main
+                and config.checkpoint_every
+                and done % config.checkpoint_every == 0
+                and done < config.iterations
+            ):
+                save_checkpoint(checkpoint_path, payload(done))
+    finally:
+        source.close()
 
     method.share_buffers()
     if main:
