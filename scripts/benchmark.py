@@ -82,26 +82,37 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     (work / "test.txt").write_text("\n".join(split.test) + "\n")
     cli = [sys.executable, "-m", "SemiSupSegLib.backend"]
     events = work / "events.jsonl"
-    # An interrupted run (checkpoint, no final model) resumes; anything else starts afresh.
-    resume = (work / "run" / "checkpoint.pt").exists() and not (work / "run" / "model.pt").exists()
-    if not resume:
-        for stale in (events, work / "train_seconds.txt"):
-            if stale.exists():
-                stale.unlink()
-    train = cli + [
-        "train", "--data", str(args.data), "--labeled", str(work / "labeled.txt"),
-        "--exclude", str(work / "test.txt"), "--method", method, "--network", args.network,
-        "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
-        "--out", str(work / "run"), "--events", str(events), "--quiet",
-    ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
-    if args.init_from and not resume:
-        train += ["--init-from", str(Path(args.work) / args.init_from / "run")]
-    status, seconds, peak_mib = run_command(train, log, args.threads)
-    earlier = work / "train_seconds.txt"
-    train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
-    earlier.write_text(str(train_seconds))
-    if status != 0:
-        raise SystemExit(f"training failed ({status}); see {log}; run again to resume")
+    # A finished training (final model and its time recorded) is reused; an interrupted one
+    # (checkpoint, no final model) resumes; anything else starts afresh.
+    earlier, peak_file = work / "train_seconds.txt", work / "train_peak_mib.txt"
+    model = work / "run" / "model.pt"
+    if model.exists() and earlier.exists():
+        train_seconds = float(earlier.read_text())
+        peak_mib = float(peak_file.read_text()) if peak_file.exists() else None
+    else:
+        resume = (work / "run" / "checkpoint.pt").exists() and not model.exists()
+        if not resume:
+            for stale in (events, earlier, peak_file):
+                if stale.exists():
+                    stale.unlink()
+        train = cli + [
+            "train", "--data", str(args.data), "--labeled", str(work / "labeled.txt"),
+            "--exclude", str(work / "test.txt"), "--method", method, "--network", args.network,
+            "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
+            "--out", str(work / "run"), "--events", str(events), "--quiet",
+        ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
+        if args.init_from and not resume:
+            train += ["--init-from", str(Path(args.work) / args.init_from / "run")]
+        status, seconds, peak_mib = run_command(train, log, args.threads)
+        train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
+        earlier.write_text(str(train_seconds))
+        if peak_file.exists():
+            peak_mib = max(peak_mib, float(peak_file.read_text()))
+        peak_file.write_text(str(peak_mib))
+        if status != 0:
+            if model.exists():
+                model.unlink()  # not a finished training: the next run resumes the checkpoint
+            raise SystemExit(f"training failed ({status}); see {log}; run again to resume")
     images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in split.test]
     predict = cli + ["predict", "--run", str(work / "run"), "--input", *images,
                      "--out", str(work / "predictions"), "--device", args.device, "--quiet"]  # fmt: skip
@@ -129,7 +140,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "train_seconds": round(train_seconds, 1),
         "predict_seconds": round(predict_seconds, 1),
         "iterations_per_second": training_rate(events),
-        "peak_memory_mib": round(peak_mib),
+        "peak_memory_mib": round(peak_mib) if peak_mib is not None else None,
         "summary": summary,
         "case_dice": case_dice(work / "evaluation" / "metrics.csv"),
         "date": time.strftime("%Y-%m-%d"),
