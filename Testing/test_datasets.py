@@ -11,6 +11,7 @@ import pytest
 from SemiSupSegLib.backend.datasets import (
     Case,
     Dataset,
+    cases_from_paths,
     exclude_cases,
     from_folders,
     infer_classes,
@@ -247,3 +248,24 @@ def test_real_subset_of_hippocampus(hippocampus_dir, tmp_path):
     assert [c.name for c in dataset.labeled] == list(FEW)
     assert len(dataset.unlabeled) == 198
     assert all(c.label is None for c in dataset.unlabeled)
+
+
+def test_prediction_inputs_are_named_as_training_names_cases(write_volume, tmp_path):
+    """predict's inputs: nnU-Net's _0000 suffix goes, a .mhd's .raw and hidden files are not
+    images, a sub-folder is a series, a folder without images is itself a series."""
+    folder = tmp_path / "inputs"
+    write_volume("inputs/a_0000.nii.gz")
+    write_volume("inputs/b.nrrd")
+    write_volume("inputs/c.mhd")
+    write_volume("inputs/series_d/slice.nii.gz")
+    (folder / ".DS_Store").write_text("x")
+    assert (folder / "c.raw").exists()
+    cases = cases_from_paths([folder])
+    assert [c.name for c in cases] == ["a", "b", "c", "series_d"]
+    assert cases_from_paths([folder / "a_0000.nii.gz"])[0].name == "a"
+    (tmp_path / "empty_series").mkdir()
+    assert [c.name for c in cases_from_paths([tmp_path / "empty_series"])] == ["empty_series"]
+    with pytest.raises(DataError, match="no such file"):
+        cases_from_paths([tmp_path / "missing.nii.gz"])
+    with pytest.raises(DataError, match="duplicate case names"):
+        cases_from_paths([folder / "b.nrrd", folder])

@@ -6,16 +6,14 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from SemiSupSegLib.protocol import (
     EXIT_CANCELLED,
     EXIT_FAILED,
     EXIT_OK,
-    IMAGE_SUFFIXES,
     METHODS,
     ProtocolError,
-    case_name_from_path,
 )
 
 if TYPE_CHECKING:
@@ -235,39 +233,13 @@ def _load_training_data(args: argparse.Namespace):
 
 def _predict(args: argparse.Namespace, events) -> None:
     from SemiSupSegLib.backend.cancellation import StopFlag
+    from SemiSupSegLib.backend.datasets import cases_from_paths
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
 
-    cases = input_cases([Path(p) for p in args.input])
+    cases = cases_from_paths([Path(p) for p in args.input])
     predictor = Predictor.from_run(args.run, device=args.device)
     with StopFlag().installed() as stop:
         predict_cases(predictor, cases, args.out, args.mc_samples, events, stop)
-
-
-def input_cases(paths: List[Path]):
-    """Cases from image files, folders of images, and DICOM series folders."""
-    from SemiSupSegLib.backend.datasets import Case
-    from SemiSupSegLib.backend.errors import DataError
-
-    cases = []
-    for path in paths:
-        if path.is_file():
-            cases.append(Case(case_name_from_path(str(path)), path))
-        elif path.is_dir():
-            entries = sorted(path.iterdir())
-            images = [p for p in entries if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)]
-            series = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-            if not images and not series:
-                cases.append(Case(path.name, path))  # the folder itself is one DICOM series
-            else:
-                for item in images + series:
-                    cases.append(Case(case_name_from_path(str(item)), item))
-        else:
-            raise DataError(path, "no such file or folder")
-    names = [c.name for c in cases]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DataError(None, f"duplicate case names in the inputs: {duplicates}")
-    return cases
 
 
 def _evaluate(args: argparse.Namespace, events) -> None:

@@ -12,7 +12,7 @@ import difflib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 import SimpleITK as sitk
 
@@ -293,6 +293,28 @@ def _pair_folders(
         found = _cases_in(_required_folder(folder), ending, folders_too=True)
         unlabeled_cases.extend(Case(name, image) for name, image in found.items())
     return Dataset(labeled, unlabeled_cases, classes)
+
+
+def cases_from_paths(paths: Sequence[Path]) -> List[Case]:
+    """Cases (images only) from image files, folders of images or series, and DICOM series
+    folders, named as training names them (extension and nnU-Net's ``_0000`` removed)."""
+    cases: List[Case] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_file():
+            cases.append(Case(_case_name(path), path))
+        elif path.is_dir():
+            found = _cases_in(path, None, folders_too=True)
+            if not found:  # the folder itself is one DICOM series
+                found = {path.name: path}
+            cases.extend(Case(name, entry) for name, entry in found.items())
+        else:
+            raise DataError(path, "no such file or folder")
+    names = [c.name for c in cases]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(None, f"duplicate case names in the inputs: {duplicates}")
+    return cases
 
 
 def _cases_in(folder: Path, ending: Optional[str], folders_too: bool) -> Dict[str, Path]:
