@@ -136,3 +136,19 @@ def test_method_checkpoint_state_round_trips(method):
         if "optim" in name or name.startswith("opt"):
             steps = [s["step"] for s in restored[name]["state"].values()]
             assert steps and all(float(s) == 1 for s in steps)
+
+
+def test_compile_option_keeps_checkpoint_names():
+    """``compile=true`` compiles the network in place (lazily, at its first call), so a
+    checkpoint of a compiled run has the same parameter names and loads without it."""
+    from SemiSupSegLib.backend.methods.base import create_method
+
+    plain = create_method(TrainConfig(method="mean-teacher"), 3, torch.device("cpu"))
+    compiled = create_method(
+        TrainConfig(method="mean-teacher", compile=True), 3, torch.device("cpu")
+    )
+    network = compiled.deploy_network()
+    assert network._compiled_call_impl is not None
+    assert compiled.student._compiled_call_impl is not None
+    assert list(network.state_dict()) == list(plain.deploy_network().state_dict())
+    plain.deploy_network().load_state_dict(network.state_dict())

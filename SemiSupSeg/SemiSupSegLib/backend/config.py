@@ -31,7 +31,9 @@ class TrainConfig:
     warmup_fraction: float = 0.02
     seed: int = 0
     device: str = "auto"
-    mixed_precision: bool = True
+    mixed_precision: bool = True  # CUDA only: float16 autocast with a gradient scaler
+    channels_last: bool = True  # CUDA only: channels-last (3D) memory layout for convolutions
+    compile: bool = False  # torch.compile the 3D network(s) in place (checkpoints unchanged)
     modality: str = "MR"
     ct_window: Tuple[float, float] = (-1000.0, 1000.0)
     target_spacing: Optional[Tuple[float, float, float]] = None

@@ -143,7 +143,12 @@ class Method:
             dropout=c.dropout if dropout is None else dropout,
             **c.network_options,
         )
-        return network.to(self.device)
+        network = network.to(self.device)
+        if c.channels_last and self.device.type == "cuda":
+            network = network.to(memory_format=torch.channels_last_3d)
+        if c.compile:
+            network.compile()  # in place: parameter names, and so checkpoints, stay the same
+        return network
 
     def build_optimizer(
         self, module: nn.Module, learning_rate: Optional[float] = None, total: Optional[int] = None

@@ -115,6 +115,8 @@ class TeacherStudentMethod(Method):
             raise ConfigError(f"method.dropout must be in [0, 1), got {dropout}")
         self.student = self.build_network(dropout=dropout)
         self.teacher = copy.deepcopy(self.student)
+        if config.compile:
+            self.teacher.compile()  # a copy of a compiled module is not compiled
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.optimizer, self.schedule = self.build_optimizer(self.student)
