@@ -66,6 +66,7 @@ def test_job_built_in_python_matches_json():
         ({"settings": [1, 2]}, "job.settings"),
         ({"colour": "red"}, "unknown field"),
         ({"predict_unlabeled": "yes"}, "predict_unlabeled"),
+        ({"method": "mn", "unlabeled": []}, "add unlabeled volumes, or choose 'supervised'"),
     ],
 )
 def test_malformed_jobs_are_rejected(change, message):

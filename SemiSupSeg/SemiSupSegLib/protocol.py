@@ -139,6 +139,11 @@ class JobSpec:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ProtocolError(f"job: duplicate case names {duplicates}")
+        if method != "supervised" and not unlabeled:
+            raise ProtocolError(
+                f"job.unlabeled: method {method!r} learns from unlabeled images and the job has "
+                "none; add unlabeled volumes, or choose 'supervised'"
+            )
         output = data.get("output", "outputs")
         if not isinstance(output, str) or not output:
             raise ProtocolError("job.output: expected a non-empty folder path")

@@ -128,7 +128,8 @@ def _train(
     method = create_method(config, num_classes, device)
     if method.uses_unlabeled and not dataset.unlabeled:
         raise ConfigError(
-            f"method {config.method!r} needs unlabeled images, and this dataset has none"
+            f"method {config.method!r} learns from unlabeled images and this dataset has none; "
+            "add some (--unlabeled FOLDER, or unlisted cases of --data) or use --method supervised"
         )
 
     start = 0
