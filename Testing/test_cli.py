@@ -140,7 +140,7 @@ def test_bad_input_stops_before_anything_is_written(cases, tmp_path):
     broken.SetSpacing((1.0, 1.0, 2.0))
     sitk.WriteImage(broken, str(labels / "case.nii.gz"))
     result = run_cli(
-        "train", "--images", images, "--labels", labels, "--iterations", 2, "--out", tmp_path / "run",
+        "train", "--images", images, "--labels", labels, "--method", "supervised", "--iterations", 2, "--out", tmp_path / "run",
         "--quiet", "--events", "-",
     )  # fmt: skip
     assert result.returncode == EXIT_FAILED
@@ -152,7 +152,7 @@ def test_bad_input_stops_before_anything_is_written(cases, tmp_path):
 def test_unknown_setting_is_a_clear_error(cases, tmp_path):
     image, label = cases["hippocampus_001"]
     result = run_cli(
-        "train", "--images", image.parent, "--labels", label.parent, "--iterations", 2,
+        "train", "--images", image.parent, "--labels", label.parent, "--method", "supervised", "--iterations", 2,
         "--out", tmp_path / "run", "--set", "learning_rat=0.1",
     )  # fmt: skip
     assert result.returncode == EXIT_FAILED

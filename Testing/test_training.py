@@ -127,7 +127,7 @@ def test_cancel_then_resume_continues(hippocampus, hippocampus_dir, tmp_path):
     total = 60
     command = [
         sys.executable, "-m", "SemiSupSegLib.backend", "train", "--data", str(hippocampus_dir),
-        "--labeled", str(labeled), "--iterations", str(total), "--out", str(run),
+        "--labeled", str(labeled), "--method", "supervised", "--iterations", str(total), "--out", str(run),
         "--events", str(events_path), "--quiet", "--device", "cpu",
         "--set", "batch_size=1", "--set", "log_every=1", "--set", "checkpoint_every=0",
     ]  # fmt: skip

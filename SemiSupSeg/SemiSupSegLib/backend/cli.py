@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--exclude", help="text file of case names to leave out entirely (test cases)"
     )
-    train.add_argument("--method", default="supervised", choices=METHODS)
+    train.add_argument(
+        "--method",
+        default="mn",
+        choices=METHODS,
+        help="mn (default: the benchmark's best), supervised (no unlabeled images needed), em, "
+        "mn+em, mean-teacher, ua-mt",
+    )
     train.add_argument("--network", help="3D network: unet (default), segresnet, swinunetr")
     train.add_argument("--iterations", type=int, help="training iterations (default 1500)")
     train.add_argument("--seed", type=int)
