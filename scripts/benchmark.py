@@ -246,6 +246,45 @@ def warm_start_lines(results: list) -> list:
     ]
 
 
+def performance_lines() -> list:
+    """Issue #6's figures 1-3 from docs/performance-results.json (scripts/performance.py),
+    each beside its target; figure 4 is the retraining table."""
+    path = ROOT / "docs" / "performance-results.json"
+    if not path.exists():
+        return []
+    perf = json.loads(path.read_text())
+    targets = perf["targets"]
+    lines = [
+        "",
+        "Performance and scale, measured by `python scripts/performance.py` (details, profiles",
+        "and method in [performance.md](performance.md)); one CPU thread, ratios within one run:",
+        "",
+        "| figure | measured | target |",
+        "|---|---|---|",
+    ]
+    for m in perf["overhead"]["methods"]:
+        lines.append(
+            f"| training loop / floor (the method's step on pre-loaded batches), {m['method']} | "
+            f"{m['ratio']:.2f}x | ≤ {targets['overhead']}x |"
+        )
+    memory = perf["memory"]
+    runs = {r["unlabeled"]: r["peak_rss_mib"] for r in memory["runs"]}
+    lines.append(
+        f"| peak memory, {max(runs)} / {min(runs)} unlabeled volumes ({memory['method']}) | "
+        f"{memory['ratio']:.2f}x | ≤ {targets['memory']}x |"
+    )
+    for r in perf["prediction"]["results"]:
+        lines.append(
+            f"| prediction end to end / sliding window alone, M = {r['mc_samples']} | "
+            f"{r['ratio']:.2f}x | ≤ {targets['prediction']}x |"
+        )
+    lines.append(
+        "| retraining after corrections: iterations to the from-scratch Dice | "
+        "see the table above | ≤ 25% |"
+    )
+    return lines
+
+
 def class_stat(summary: dict, value: str, metric: str) -> float | None:
     """Mean of ``metric`` for class ``value`` from an evaluation summary.json."""
     entry = summary["classes"][value][metric]
@@ -319,6 +358,7 @@ def write_report(results: list) -> None:
     ]
     lines += paired_lines(results)
     lines += warm_start_lines(results)
+    lines += performance_lines()
     variants = sorted(
         {(method_label(r), " ".join(r["settings"])) for r in results if r.get("variant")}
     )
