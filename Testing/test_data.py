@@ -90,3 +90,21 @@ def test_cache_is_bounded_in_count_and_bytes(cases):
     for case in cases:
         small.get(case)
     assert len(small) == 1 and small.nbytes == one
+
+
+def test_case_weights_steer_which_cases_are_drawn(cases):
+    """case1 is the only one labeled 2: weighted out, no patch holds a 2; alone, every one."""
+    config = _config(0)
+    without = BatchSource(cases, [], config, seed=1, labeled_weights=[1, 0, 1])
+    only = BatchSource(cases, [], config, seed=1, labeled_weights=[0, 1, 0])
+    try:
+        labels_without = [without.labeled(2)["label"] for _ in range(8)]
+        labels_only = [only.labeled(2)["label"] for _ in range(8)]
+    finally:
+        without.close()
+        only.close()
+    assert not any(bool((lab == 2).any()) for lab in labels_without)
+    assert all(not bool((lab == 1).any()) for lab in labels_only)
+    assert any(bool((lab == 2).any()) for lab in labels_only)
+    with pytest.raises(ValueError, match="3 non-negative"):
+        BatchSource(cases, [], config, seed=1, labeled_weights=[1, -1, 0])

@@ -19,8 +19,10 @@ from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.methods import create_method
 from SemiSupSegLib.backend.methods.embedding_matching import (
     class_prototypes,
+    limit_share,
     match_similarities,
     matching_entropy,
+    matching_mean,
     reference_voxels,
 )
 from SemiSupSegLib.backend.methods.teacher_student import ema_decay, ramp, reliability_threshold
@@ -111,6 +113,30 @@ def test_matching_labels_a_constructed_embedding():
     # A class without references is never chosen.
     present[2] = False
     assert not (match_similarities(_embedding(unseen, 1), prototypes, present).argmax(1) == 2).any()
+
+
+def test_matching_loss_weighs_as_its_share_of_voxels():
+    values = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    mask = torch.tensor([[False, False, False, True]])
+    assert float(matching_mean(values, mask, "unreliable")) == pytest.approx(6.0)
+    assert float(matching_mean(values, mask, "all")) == pytest.approx(1.5)  # 6 x 1/4
+    assert float(matching_mean(values, torch.zeros_like(mask), "all")) == 0.0
+    with pytest.raises(ConfigError, match="matching_reduction"):
+        create_method(
+            TrainConfig(method="em", method_options={"matching_reduction": "x"}),
+            3,
+            torch.device("cpu"),
+        )
+
+
+def test_limit_share_keeps_the_most_uncertain_voxels():
+    score = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.3, 0.4, 0.5, 0.95])
+    unsure = score > 0.45
+    limited = limit_share(unsure, score, 0.3)
+    assert limited.tolist() == (score >= 0.8).tolist()
+    assert torch.equal(limit_share(unsure, score, None), unsure)
+    assert torch.equal(limit_share(unsure, score, 0.9), unsure)  # already under the limit
+    assert not bool(limit_share(unsure, score, 0.0).any())
 
 
 def test_entropy_regulariser_pushes_separable_embeddings_apart():

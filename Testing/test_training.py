@@ -22,7 +22,7 @@ from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.inference import Predictor, predict_cases
 from SemiSupSegLib.backend.metrics import case_metrics
 from SemiSupSegLib.backend.splits import benchmark_split
-from SemiSupSegLib.backend.training import train
+from SemiSupSegLib.backend.training import new_case_weights, previous_labeled, train
 from SemiSupSegLib.protocol import EXIT_CANCELLED, parse_event
 
 ITERATIONS = 160
@@ -201,3 +201,35 @@ def test_asking_for_a_missing_gpu_is_a_clear_error():
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         select_device("cuda")
     assert select_device("auto").type in ("cpu", "mps")
+
+
+def test_new_cases_get_their_share_of_a_warm_start():
+    config = TrainConfig(new_case_share=0.5)
+    weights = new_case_weights(["a", "b", "c", "d"], ["a", "b", "c"], config)
+    assert weights == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0.5])
+    assert new_case_weights(["a", "b"], ["a", "b"], config) is None  # nothing new
+    assert new_case_weights(["x", "y"], ["a"], config) is None  # all new: uniform
+    assert new_case_weights(["a", "d"], None, config) is None  # unknown history
+    assert new_case_weights(["a", "d"], ["a"], TrainConfig(new_case_share=0.0)) is None
+    with pytest.raises(Exception, match="new_case_share"):
+        TrainConfig(new_case_share=1.0).validate()
+
+
+def test_warm_start_names_the_new_cases(trained_run, hippocampus, tmp_path):
+    """The model records its labeled cases; a warm start on more cases finds the new ones
+    (also from cases.json, for a model file without the list)."""
+    run, _ = trained_run
+    full, train_cases, _ = hippocampus
+    model = load_checkpoint(run / "model.pt")
+    assert model["labeled_cases"] == [c.name for c in train_cases[:8]]
+    del model["labeled_cases"]
+    assert previous_labeled(model, run / "model.pt") == [c.name for c in train_cases[:8]]
+
+    events_path = tmp_path / "events.jsonl"
+    sink = EventSink(str(events_path), quiet=True)
+    dataset = Dataset(train_cases[:10], [], full.classes, "MR")
+    train(dataset, TrainConfig(iterations=2, batch_size=2), tmp_path / "warm", sink, init_from=run)
+    sink.close()
+    logs = [json.loads(line).get("message", "") for line in events_path.read_text().splitlines()]
+    new = [c.name for c in train_cases[8:10]]
+    assert any("2 case(s) new" in m and all(n in m for n in new) for m in logs), logs

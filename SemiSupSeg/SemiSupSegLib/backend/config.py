@@ -44,6 +44,7 @@ class TrainConfig:
     prefetch: int = 8
     checkpoint_every: int = 250
     log_every: int = 10
+    new_case_share: float = 0.5  # warm start: labeled patches from cases new to the model
     method_options: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -93,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"foreground_ratio must be in [0, 1], got {self.foreground_ratio}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.new_case_share < 1.0:
+            raise ConfigError(f"new_case_share must be in [0, 1), got {self.new_case_share}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.modality not in ("MR", "CT", "other"):

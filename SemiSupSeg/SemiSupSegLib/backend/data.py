@@ -115,12 +115,18 @@ class PatchStream(IterableDataset):
     """
 
     def __init__(
-        self, cases: Sequence[Case], config: TrainConfig, labeled: bool, seed: int
+        self,
+        cases: Sequence[Case],
+        config: TrainConfig,
+        labeled: bool,
+        seed: int,
+        weights: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         if not cases:
             raise ValueError("a patch stream needs at least one case")
         self.cases = list(cases)
+        self.probabilities = None if weights is None else _probabilities(weights, len(cases))
         self.config = config
         self.labeled = labeled
         self.seed = seed
@@ -140,7 +146,10 @@ class PatchStream(IterableDataset):
         cache = VolumeCache(self.config, max(1, self.config.cache_volumes // workers), budget)
         self.cache = cache
         while True:
-            case = self.cases[int(rng.integers(len(self.cases)))]
+            if self.probabilities is None:
+                case = self.cases[int(rng.integers(len(self.cases)))]
+            else:
+                case = self.cases[int(rng.choice(len(self.cases), p=self.probabilities))]
             volume = cache.get(case)
             item = {"image": volume.image}
             if self.labeled:
@@ -152,6 +161,14 @@ class PatchStream(IterableDataset):
             if self.labeled:
                 out["label"] = torch.as_tensor(patch["label"]).to(torch.int64)
             yield out
+
+
+def _probabilities(weights: Sequence[float], count: int) -> np.ndarray:
+    """Per-case weights as sampling probabilities (non-negative, not all zero)."""
+    p = np.asarray(weights, dtype=np.float64)
+    if p.shape != (count,) or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"case weights must be {count} non-negative numbers, not all zero")
+    return p / p.sum()
 
 
 class _Failure:
@@ -235,8 +252,12 @@ class BatchSource:
         unlabeled: Sequence[Case],
         config: TrainConfig,
         seed: int,
+        labeled_weights: Optional[Sequence[float]] = None,
     ) -> None:
-        self.streams: List[PatchStream] = [PatchStream(labeled, config, True, seed)]
+        """``labeled_weights``: relative chance of each labeled case (None: all equal)."""
+        self.streams: List[PatchStream] = [
+            PatchStream(labeled, config, True, seed, labeled_weights)
+        ]
         self._labeled = _endless(self.streams[0], config)
         self._unlabeled: Optional[Iterator] = None
         if unlabeled:

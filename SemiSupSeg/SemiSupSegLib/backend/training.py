@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from monai.utils import set_determinism
@@ -133,6 +133,7 @@ def _train(
         )
 
     start = 0
+    labeled_weights = None
     if state is not None:
         method.load_state_dict(state["method_state"])
         restore_rng_state(state["rng"])
@@ -142,6 +143,16 @@ def _train(
         previous = load_checkpoint(init_from)
         method.warm_start(previous["model"]["state_dict"])
         events.log(f"warm start from {init_from}")
+        labeled_weights = new_case_weights(
+            [c.name for c in dataset.labeled], previous_labeled(previous, init_from), config
+        )
+        if labeled_weights is not None:
+            known = set(previous_labeled(previous, init_from) or [])
+            new_cases = [c.name for c in dataset.labeled if c.name not in known]
+            events.log(
+                f"{config.new_case_share:.0%} of labeled patches from the {len(new_cases)} "
+                f"case(s) new since that model: {', '.join(new_cases)}"
+            )
     method.distribute()
     if world.rank > 0:  # dropout and noise of their own; rank 0 keeps the single-process stream
         set_determinism(seed=distributed.rank_seed(config.seed * 1000 + start, world))
@@ -171,6 +182,7 @@ def _train(
         distributed.shard(dataset.unlabeled, world) if method.uses_unlabeled else [],
         config,
         seed=distributed.rank_seed(config.seed * 1000 + start, world),
+        labeled_weights=labeled_weights,
     )
 
     def payload(iteration: int) -> Dict[str, Any]:
@@ -181,6 +193,7 @@ def _train(
             "method_state": method.state_dict(),
             "model": _model_entry(method),
             "preprocessing": _preprocessing(config),
+            "labeled_cases": [c.name for c in dataset.labeled],
             "rng": rng_state(),
         }
 
@@ -243,7 +256,17 @@ def _train(
         save_checkpoint(checkpoint_path, final)
         save_checkpoint(
             run_dir / MODEL_NAME,
-            {k: final[k] for k in ("iteration", "config", "classes", "model", "preprocessing")},
+            {
+                k: final[k]
+                for k in (
+                    "iteration",
+                    "config",
+                    "classes",
+                    "model",
+                    "preprocessing",
+                    "labeled_cases",
+                )
+            },
         )
     distributed.dump_rank_state(method.state_dict(), world)
     distributed.barrier()  # every rank ends once the outputs are written
@@ -255,6 +278,42 @@ def _train(
         outputs={"model": str(run_dir / MODEL_NAME), "checkpoint": str(checkpoint_path)},
     )
     return TrainResult(run_dir, config.iterations, seconds, losses)
+
+
+def previous_labeled(previous: Dict[str, Any], init_from: str | Path) -> Optional[List[str]]:
+    """The labeled case names the warm-start model was trained on: from the model file, or
+    from ``cases.json`` in its run folder (models written before the names were kept)."""
+    if previous.get("labeled_cases") is not None:
+        return list(previous["labeled_cases"])
+    folder = Path(init_from) if Path(init_from).is_dir() else Path(init_from).parent
+    try:
+        cases = json.loads((folder / "cases.json").read_text(encoding="utf-8"))
+        return [c["name"] for c in cases["labeled"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def new_case_weights(
+    labeled: List[str], previous: Optional[List[str]], config: TrainConfig
+) -> Optional[List[float]]:
+    """Per labeled case, its relative chance of being drawn on a warm start: the cases the
+    previous model was not trained on (the clinician's corrections) share ``new_case_share``
+    of the patches, the others the rest. None (all equal) when that cannot be told, when no
+    case or every case is new, or when the share is 0.
+
+    Why: a warm start runs a fraction of a full training; drawn uniformly, a few new cases
+    among many would get a fraction of that fraction, although they hold what the model
+    has not learned yet.
+    """
+    if previous is None or not config.new_case_share:
+        return None
+    known = set(previous)
+    new = [name not in known for name in labeled]
+    n_new = sum(new)
+    if n_new == 0 or n_new == len(labeled):
+        return None
+    share = float(config.new_case_share)
+    return [share / n_new if is_new else (1.0 - share) / (len(labeled) - n_new) for is_new in new]
 
 
 def _model_entry(method: Method) -> Dict[str, Any]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.methods.base import StepResult, register_method
 from SemiSupSegLib.backend.methods.mn import MNMethod
 from SemiSupSegLib.backend.methods.teacher_student import (
@@ -166,8 +167,43 @@ def matching_entropy(similarity: torch.Tensor, temperature: float = 1.0) -> torc
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the voxels of ``mask`` (0 when it is empty)."""
     mask = mask.float()
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+MATCHING_REDUCTIONS = ("all", "unreliable")
+
+
+def matching_mean(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A per-voxel matching loss reduced over the unreliable voxels ``mask``.
+
+    ``"unreliable"`` averages over those voxels only (the published form): however few they
+    are, their labels carry the loss's full weight. ``"all"`` sums over them and divides by
+    every unlabeled voxel, so the loss weighs as much as the share of voxels it labels, as
+    each voxel of the consistency loss does.
+    """
+    if reduction == "unreliable":
+        return masked_mean(values, mask)
+    return (values * mask.float()).sum() / max(1, mask.numel())
+
+
+def limit_share(unsure: torch.Tensor, score: torch.Tensor, share: Optional[float]) -> torch.Tensor:
+    """``unsure`` limited to the ``share`` of voxels with the highest ``score`` (None: as is).
+
+    A guard against a feedback loop: wrong matched labels raise uncertainty, which sends
+    more voxels to matching.
+    """
+    if share is None or share >= 1.0:
+        return unsure
+    limit = int(float(share) * unsure.numel())
+    if int(unsure.sum()) <= limit:
+        return unsure
+    if limit <= 0:
+        return torch.zeros_like(unsure)
+    scores = torch.where(unsure, score.float(), torch.full_like(score, -1.0, dtype=torch.float))
+    cut = torch.topk(scores.flatten(), limit, sorted=True).values[-1]
+    return unsure & (scores >= cut)
 
 
 @register_method("em")
@@ -191,10 +227,13 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
         "references_repeats": 5,
         "band": [1, 3],  # voxels, distance to the class surface
         "temperature": 1.0,  # of the softmax over per-class similarities in L_EN
+        "matching_reduction": "all",  # "all" or "unreliable" (published); see matching_mean
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.options["matching_reduction"] not in MATCHING_REDUCTIONS:
+            raise ConfigError(f"method.matching_reduction must be one of {MATCHING_REDUCTIONS}")
         self.rng = np.random.default_rng(self.config.seed + 7)
 
     def weights(self, iteration: int) -> Dict[str, float]:
@@ -225,11 +264,14 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
             return {}, info
         similarity = match_similarities(student_features_u, prototypes, present)
         matched = class_argmax(similarity).detach()
-        nn_loss = masked_mean(F.cross_entropy(logits_u, matched, reduction="none"), unreliable)
-        losses = {"matching": (nn_loss, weights["matching"])}
+        reduction = o["matching_reduction"]
+        per_voxel = F.cross_entropy(logits_u, matched, reduction="none")
+        losses = {
+            "matching": (matching_mean(per_voxel, unreliable, reduction), weights["matching"])
+        }
         if o["entropy_regulariser"]:
             en = matching_entropy(similarity, float(o["temperature"]))
-            losses["entropy"] = (masked_mean(en, unreliable), weights["matching"])
+            losses["entropy"] = (matching_mean(en, unreliable, reduction), weights["matching"])
         info["matching_classes"] = int(present.sum())
         return losses, info
 
@@ -240,7 +282,8 @@ MN_EM_DEFAULTS: Dict[str, Any] = {
     "teacher_noise": 0.01,
     "uncertainty": "mean-entropy",
     "threshold_scale": None,  # the threshold's final value (None: ln C)
-    "disagreement": True,  # voxels where the 2D and 3D argmax differ are unreliable too
+    "disagreement": False,  # voxels where the 2D and 3D argmax differ are unreliable too
+    "max_unreliable_share": 0.05,  # at most this share of voxels is matched (None: no limit)
     "entropy_weight": 0.125,  # final weight of L_EN on the 3D student, ramped
     "ramp_fraction": 1.0,
     "references_k": 16,
@@ -257,7 +300,10 @@ class MNEmbeddingMatchingMethod(MNMethod):
     matching instead (method.md §3).
 
     Unsure: the teacher's Monte Carlo uncertainty (3D: dropout and input noise; 2D: input noise)
-    over the rising threshold, or 2D/3D disagreement. Matching runs in the 3D network's
+    over the rising threshold; with ``disagreement`` also where the 2D and 3D argmax differ
+    (off by default: on the benchmark it fed a loop in which wrong matched labels made the
+    models disagree more, until training collapsed); at most ``max_unreliable_share`` of the
+    voxels, the most uncertain. Matching runs in the 3D network's
     embedding space (the 2D model has no embedding head): references from the labeled patches
     of the batch, queries from the unlabeled ones; the matched label replaces the soft
     pseudo-mask there (one-hot). When the 3D model is the student, L_EN on those voxels is
@@ -307,7 +353,8 @@ class MNEmbeddingMatchingMethod(MNMethod):
         threshold = reliability_threshold(
             self._iteration, self.ramp_total, self.num_classes, o["threshold_scale"]
         )
-        unreliable = uncertainty_from_passes(passes, o["uncertainty"]) >= threshold
+        uncertainty = uncertainty_from_passes(passes, o["uncertainty"])
+        unreliable = uncertainty >= threshold
         label = self._labeled["label"]
         image_l = self._labeled["image"].to(self.device, non_blocking=True)
         self.net3d.eval()
@@ -317,7 +364,10 @@ class MNEmbeddingMatchingMethod(MNMethod):
             logits_3d, query_features = self.net3d.forward_with_features(images)
             if o["disagreement"]:
                 other = self.net2d(images) if teacher == "3d" else logits_3d
-                unreliable |= class_argmax(other) != class_argmax(probs)
+                disagree = class_argmax(other) != class_argmax(probs)
+                unreliable |= disagree
+                uncertainty = uncertainty + disagree.float()  # matched first when over the limit
+        unreliable = limit_share(unreliable, uncertainty, o["max_unreliable_share"])
         references = draw_references(label, self.num_classes, o, self.rng)
         prototypes, present = class_prototypes(reference_features, references, self.num_classes)
         self._shares.append(float(unreliable.float().mean()))
