@@ -22,7 +22,12 @@ from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.inference import Predictor, predict_cases
 from SemiSupSegLib.backend.metrics import case_metrics
 from SemiSupSegLib.backend.splits import benchmark_split
-from SemiSupSegLib.backend.training import new_case_weights, previous_labeled, train
+from SemiSupSegLib.backend.training import (
+    new_case_weights,
+    previous_labeled,
+    shrink_towards,
+    train,
+)
 from SemiSupSegLib.protocol import EXIT_CANCELLED, parse_event
 
 ITERATIONS = 160
@@ -213,6 +218,19 @@ def test_new_cases_get_their_share_of_a_warm_start():
     assert new_case_weights(["a", "d"], ["a"], TrainConfig(new_case_share=0.0)) is None
     with pytest.raises(Exception, match="new_case_share"):
         TrainConfig(new_case_share=1.0).validate()
+
+
+def test_shrink_towards_mixes_float_weights_only():
+    import torch
+
+    previous = {"w": torch.full((2, 3), 4.0), "steps": torch.tensor(7)}
+    fresh = {"w": torch.zeros(2, 3), "steps": torch.tensor(0)}
+    mixed = shrink_towards(previous, fresh, 0.25)
+    assert torch.allclose(mixed["w"], torch.full((2, 3), 1.0))
+    assert int(mixed["steps"]) == 7  # integer buffers are counters, not weights
+    assert shrink_towards(previous, fresh, 1.0) is previous
+    with pytest.raises(Exception, match="warm_start_shrink"):
+        TrainConfig(warm_start_shrink=0.0).validate()
 
 
 def test_warm_start_names_the_new_cases(trained_run, hippocampus, tmp_path):

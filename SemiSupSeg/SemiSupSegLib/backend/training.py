@@ -141,8 +141,20 @@ def _train(
         events.log(f"resuming {checkpoint_path} at iteration {start} of {config.iterations}")
     elif init_from is not None:
         previous = load_checkpoint(init_from)
-        method.warm_start(previous["model"]["state_dict"])
-        events.log(f"warm start from {init_from}")
+        weights = shrink_towards(
+            previous["model"]["state_dict"],
+            method.deploy_network().state_dict(),
+            config.warm_start_shrink,
+        )
+        method.warm_start(weights)
+        events.log(
+            f"warm start from {init_from}"
+            + (
+                f" (shrunk: {config.warm_start_shrink:g} of its weights, the rest a fresh init)"
+                if config.warm_start_shrink < 1
+                else ""
+            )
+        )
         labeled_weights = new_case_weights(
             [c.name for c in dataset.labeled], previous_labeled(previous, init_from), config
         )
@@ -278,6 +290,29 @@ def _train(
         outputs={"model": str(run_dir / MODEL_NAME), "checkpoint": str(checkpoint_path)},
     )
     return TrainResult(run_dir, config.iterations, seconds, losses)
+
+
+def shrink_towards(
+    previous: Dict[str, torch.Tensor], fresh: Dict[str, torch.Tensor], shrink: float
+) -> Dict[str, torch.Tensor]:
+    """``shrink * previous + (1 - shrink) * fresh`` for every floating-point tensor.
+
+    Shrink-and-perturb (Ash and Adams, NeurIPS 2020): a network warm-started from weights fit
+    to fewer cases tends to stay in their basin and generalise worse than one trained from
+    scratch; pulling the weights part way towards a fresh initialisation (which supplies the
+    perturbation, at each layer's own scale) keeps most of what was learnt while restoring
+    room to move. ``shrink=1`` returns the previous weights unchanged.
+    """
+    if shrink >= 1:
+        return previous
+    mixed = {}
+    for name, value in previous.items():
+        start = fresh.get(name)
+        if start is not None and value.is_floating_point() and start.shape == value.shape:
+            mixed[name] = shrink * value + (1.0 - shrink) * start.to(value.device, value.dtype)
+        else:
+            mixed[name] = value
+    return mixed
 
 
 def previous_labeled(previous: Dict[str, Any], init_from: str | Path) -> Optional[List[str]]:
