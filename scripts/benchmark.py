@@ -220,11 +220,23 @@ def warm_start_lines(results: list) -> list:
         if not scratch:
             continue
         s = max(scratch, key=lambda s: s["iterations"])
+        seeds = [
+            mean_dice(o)
+            for o in results
+            if not o.get("init_from")
+            and not o.get("variant")
+            and (o["method"], o["labels"], o["network"], o["iterations"])
+            == (s["method"], s["labels"], s["network"], s["iterations"])
+        ]
+        spread = (
+            f"{min(seeds):.4f}-{max(seeds):.4f} ({len(seeds)})" if len(seeds) > 1 else "one seed"
+        )
         start = next((b for b in results if b["key"] == r["init_from"]), None)
         rows.append(
             f"| {method_label(r)} | {r['labels']} | {r['init_from']} | "
             + (f"{mean_dice(start):.4f} | " if start else "n/a | ")
-            + f"{mean_dice(r):.4f} | {mean_dice(s):.4f} | {mean_dice(r) - mean_dice(s):+.4f} | "
+            + f"{mean_dice(r):.4f} | {mean_dice(s):.4f} | {spread} | "
+            f"{mean_dice(r) - mean_dice(s):+.4f} | "
             f"{r['iterations']}/{s['iterations']} = {r['iterations'] / s['iterations']:.0%} | "
             f"{r['train_seconds']:.0f}/{s['train_seconds']:.0f} s = "
             f"{r['train_seconds'] / s['train_seconds']:.0%} |"
@@ -238,10 +250,12 @@ def warm_start_lines(results: list) -> list:
         "warm-started on the enlarged labeled set and trained for a fraction of the budget;",
         "mean foreground Dice of the starting model, the warm-started one and one trained from",
         "scratch on the same cases. Wall time includes start-up (reading the data, building",
-        "the networks), which does not shrink with the iterations.",
+        "the networks), which does not shrink with the iterations. The scratch seeds column",
+        "gives the range of the from-scratch Dice over training seeds (and how many): the",
+        "run-to-run noise a warm start's shortfall should be read against.",
         "",
-        "| run | labeled | warm start from | Dice before | Dice warm | Dice scratch | Δ | iterations | train time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | labeled | warm start from | Dice before | Dice warm | Dice scratch | scratch seeds | Δ | iterations | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
