@@ -208,26 +208,20 @@ def warm_start_lines(results: list) -> list:
     for r in sorted(results, key=lambda r: (r["labels"], r["iterations"], method_label(r))):
         if not r.get("init_from"):
             continue
-        scratch = [
+        from_scratch = [
             s
             for s in results
             if not s.get("init_from")
             and not s.get("variant")
-            and (s["method"], s["labels"], s["network"], s["seed"])
-            == (r["method"], r["labels"], r["network"], r["seed"])
-            and s["iterations"] > r["iterations"]
+            and (s["method"], s["labels"], s["network"]) == (r["method"], r["labels"], r["network"])
+        ]
+        scratch = [
+            s for s in from_scratch if s["seed"] == r["seed"] and s["iterations"] > r["iterations"]
         ]
         if not scratch:
             continue
         s = max(scratch, key=lambda s: s["iterations"])
-        seeds = [
-            mean_dice(o)
-            for o in results
-            if not o.get("init_from")
-            and not o.get("variant")
-            and (o["method"], o["labels"], o["network"], o["iterations"])
-            == (s["method"], s["labels"], s["network"], s["iterations"])
-        ]
+        seeds = [mean_dice(o) for o in from_scratch if o["iterations"] == s["iterations"]]
         spread = (
             f"{min(seeds):.4f}-{max(seeds):.4f} ({len(seeds)})" if len(seeds) > 1 else "one seed"
         )
