@@ -23,6 +23,7 @@ from SemiSupSegLib.backend.inference import Predictor, predict_cases
 from SemiSupSegLib.backend.metrics import case_metrics
 from SemiSupSegLib.backend.splits import benchmark_split
 from SemiSupSegLib.backend.training import (
+    WeightAverage,
     new_case_weights,
     previous_labeled,
     shrink_towards,
@@ -233,6 +234,34 @@ def test_shrink_towards_mixes_float_weights_only():
         TrainConfig(warm_start_shrink=0.0).validate()
 
 
+def test_weight_average_keeps_an_ema_and_survives_a_checkpoint():
+    import torch
+
+    network = torch.nn.Linear(2, 1)
+    average = WeightAverage(network, decay=0.5)
+    expected = network.weight.detach().clone()
+    for step, value in enumerate([1.0, 3.0, -2.0], start=1):
+        with torch.no_grad():
+            network.weight.fill_(value)
+        average.update()
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * value
+    saved = average.state_dict()
+    restored = WeightAverage(network, decay=0.5)
+    restored.load_state_dict(saved)
+    restored.apply()
+    assert torch.allclose(network.weight, expected)
+    assert not torch.allclose(network.weight, torch.full_like(network.weight, -2.0))
+
+    off = WeightAverage(network, decay=0.0)
+    off.update()
+    before = network.weight.detach().clone()
+    off.apply()
+    assert off.state_dict() is None and torch.equal(network.weight, before)
+    with pytest.raises(Exception, match="weight_average"):
+        TrainConfig(weight_average=1.0).validate()
+
+
 def test_warm_start_names_the_new_cases(trained_run, hippocampus, tmp_path):
     """The model records its labeled cases; a warm start on more cases finds the new ones
     (also from cases.json, for a model file without the list)."""
@@ -246,7 +275,8 @@ def test_warm_start_names_the_new_cases(trained_run, hippocampus, tmp_path):
     events_path = tmp_path / "events.jsonl"
     sink = EventSink(str(events_path), quiet=True)
     dataset = Dataset(train_cases[:10], [], full.classes, "MR")
-    train(dataset, TrainConfig(iterations=2, batch_size=2), tmp_path / "warm", sink, init_from=run)
+    config = TrainConfig(iterations=2, batch_size=2, weight_average=0.9)
+    train(dataset, config, tmp_path / "warm", sink, init_from=run)
     sink.close()
     logs = [json.loads(line).get("message", "") for line in events_path.read_text().splitlines()]
     new = [c.name for c in train_cases[8:10]]

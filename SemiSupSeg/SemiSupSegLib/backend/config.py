@@ -46,6 +46,9 @@ class TrainConfig:
     log_every: int = 10
     new_case_share: float = 0.5  # warm start: labeled patches from cases new to the model
     warm_start_shrink: float = 1.0  # warm start: weight of the previous model against a fresh init
+    weight_average: float = (
+        0.0  # EMA decay of the deployed weights; the model file keeps the average
+    )
     method_options: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -99,6 +102,10 @@ class TrainConfig:
             raise ConfigError(f"new_case_share must be in [0, 1), got {self.new_case_share}")
         if not 0.0 < self.warm_start_shrink <= 1.0:
             raise ConfigError(f"warm_start_shrink must be in (0, 1], got {self.warm_start_shrink}")
+        if not 0.0 <= self.weight_average < 1.0:
+            raise ConfigError(
+                f"weight_average must be in [0, 1) (0: off, e.g. 0.99), got {self.weight_average}"
+            )
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.modality not in ("MR", "CT", "other"):

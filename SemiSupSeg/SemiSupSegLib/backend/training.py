@@ -134,8 +134,10 @@ def _train(
 
     start = 0
     labeled_weights = None
+    average = WeightAverage(method.deploy_network(), config.weight_average)
     if state is not None:
         method.load_state_dict(state["method_state"])
+        average.load_state_dict(state.get("weight_average"))
         restore_rng_state(state["rng"])
         start = int(state["iteration"])
         events.log(f"resuming {checkpoint_path} at iteration {start} of {config.iterations}")
@@ -147,6 +149,7 @@ def _train(
             config.warm_start_shrink,
         )
         method.warm_start(weights)
+        average.reset()
         events.log(
             f"warm start from {init_from}"
             + (
@@ -207,6 +210,7 @@ def _train(
             "preprocessing": _preprocessing(config),
             "labeled_cases": [c.name for c in dataset.labeled],
             "rng": rng_state(),
+            "weight_average": average.state_dict(),
         }
 
     rate = RateEstimator()
@@ -239,6 +243,7 @@ def _train(
             labeled = source.labeled(n_labeled)
             unlabeled = source.unlabeled(n_unlabeled) if n_unlabeled else None
             result = method.train_step(labeled, unlabeled, iteration)
+            average.update()
             losses = result.losses
             rate.step()
             done = iteration + 1
@@ -263,6 +268,7 @@ def _train(
         source.close()
 
     method.share_buffers()
+    average.apply()
     if main:
         final = payload(config.iterations)
         save_checkpoint(checkpoint_path, final)
@@ -290,6 +296,67 @@ def _train(
         outputs={"model": str(run_dir / MODEL_NAME), "checkpoint": str(checkpoint_path)},
     )
     return TrainResult(run_dir, config.iterations, seconds, losses)
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights (Polyak averaging), which the
+    model file keeps in place of the last iterate when ``decay > 0``.
+
+    Why: batches of a few patches make the last iterate noisy; its average over the final
+    ~1/(1-decay) steps sits nearer the middle of the basin. Most useful on a short warm-start
+    retraining, whose schedule has little time to anneal the noise out. The decay ramps up
+    as ``(1+n)/(10+n)`` so that the first steps do not freeze the start into the average.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float) -> None:
+        self.network = network
+        self.decay = float(decay)
+        self.updates = 0
+        self.average: Optional[Dict[str, torch.Tensor]] = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the average over from the network's current weights."""
+        self.updates = 0
+        self.average = (
+            {k: v.detach().clone() for k, v in self._tensors().items()} if self.decay else None
+        )
+
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self.network.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the network's current weights into the average (one call per step)."""
+        if self.average is None:
+            return
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = self._tensors()
+        names = list(self.average)
+        torch._foreach_lerp_(
+            [self.average[k] for k in names], [current[k] for k in names], 1.0 - decay
+        )
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Copy the average into the network (at the end of training)."""
+        if self.average is not None:
+            self.network.load_state_dict(self.average, strict=False)
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        if self.average is None:
+            return None
+        return {"updates": self.updates, "average": self.average}
+
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        """Restore from a checkpoint; an older checkpoint without one restarts the average."""
+        if self.average is None or not state:
+            self.reset()
+            return
+        self.updates = int(state["updates"])
+        for name, value in state["average"].items():
+            self.average[name].copy_(value)
 
 
 def shrink_towards(
