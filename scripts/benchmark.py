@@ -40,8 +40,9 @@ CLASS_NAMES = {"1": "Anterior", "2": "Posterior"}
 
 
 def run_command(command: list, log: Path, threads: int) -> tuple:
-    """Run ``command`` with ``threads`` CPU threads; return (exit status, seconds, peak
-    resident memory in MiB)."""
+    """Run ``command`` with ``threads`` CPU threads; return (exit status, wall seconds, peak
+    resident memory in MiB, CPU seconds). CPU seconds (user + system, all threads) barely
+    depend on what else the shared machine runs: the time to compare runs made apart."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.perf_counter()
     with open(log, "a", encoding="utf-8") as handle:
@@ -50,7 +51,8 @@ def run_command(command: list, log: Path, threads: int) -> tuple:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
+    cpu_seconds = usage.ru_utime + usage.ru_stime
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024, cpu_seconds
 
 
 def training_rate(events_path: Path) -> float | None:
@@ -85,14 +87,16 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     # A finished training (final model and its time recorded) is reused; an interrupted one
     # (checkpoint, no final model) resumes; anything else starts afresh.
     earlier, peak_file = work / "train_seconds.txt", work / "train_peak_mib.txt"
+    earlier_cpu = work / "train_cpu_seconds.txt"
     model = work / "run" / "model.pt"
     if model.exists() and earlier.exists():
         train_seconds = float(earlier.read_text())
         peak_mib = float(peak_file.read_text()) if peak_file.exists() else None
+        cpu_seconds = float(earlier_cpu.read_text()) if earlier_cpu.exists() else None
     else:
         resume = (work / "run" / "checkpoint.pt").exists() and not model.exists()
         if not resume:
-            for stale in (events, earlier, peak_file):
+            for stale in (events, earlier, peak_file, earlier_cpu):
                 if stale.exists():
                     stale.unlink()
         train = cli + [
@@ -103,9 +107,11 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
         if args.init_from and not resume:
             train += ["--init-from", str(Path(args.work) / args.init_from / "run")]
-        status, seconds, peak_mib = run_command(train, log, args.threads)
+        status, seconds, peak_mib, cpu_seconds = run_command(train, log, args.threads)
         train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
         earlier.write_text(str(train_seconds))
+        cpu_seconds += float(earlier_cpu.read_text()) if earlier_cpu.exists() else 0.0
+        earlier_cpu.write_text(str(cpu_seconds))
         if peak_file.exists():
             peak_mib = max(peak_mib, float(peak_file.read_text()))
         peak_file.write_text(str(peak_mib))
@@ -116,12 +122,12 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in split.test]
     predict = cli + ["predict", "--run", str(work / "run"), "--input", *images,
                      "--out", str(work / "predictions"), "--device", args.device, "--quiet"]  # fmt: skip
-    status, predict_seconds, _ = run_command(predict, log, args.threads)
+    status, predict_seconds, _, _ = run_command(predict, log, args.threads)
     if status != 0:
         raise SystemExit(f"prediction failed ({status}); see {log}")
     evaluate = cli + ["evaluate", "--pred", str(work / "predictions"), "--truth", str(args.data),
                       "--out", str(work / "evaluation")]  # fmt: skip
-    status, _, _ = run_command(evaluate, log, args.threads)
+    status, _, _, _ = run_command(evaluate, log, args.threads)
     if status != 0:
         raise SystemExit(f"evaluation failed ({status}); see {log}")
     summary = json.loads((work / "evaluation" / "summary.json").read_text())
@@ -138,6 +144,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "test_cases": len(split.test),
         "threads": args.threads,
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1) if cpu_seconds is not None else None,
         "predict_seconds": round(predict_seconds, 1),
         "iterations_per_second": training_rate(events),
         "peak_memory_mib": round(peak_mib) if peak_mib is not None else None,
@@ -203,9 +210,12 @@ def mean_dice(result: dict) -> float:
 
 def warm_start_lines(results: list) -> list:
     """Retraining after corrections: each warm-started run against training from scratch on
-    the same labeled cases (same method, network and seed, the default budget)."""
-    rows = []
-    for r in sorted(results, key=lambda r: (r["labels"], r["iterations"], method_label(r))):
+    the same labeled cases (same method, network and seed, the default budget); where a
+    setting ran with several seeds, a row of their means follows its per-seed rows."""
+    pairs = []
+    for r in sorted(
+        results, key=lambda r: (r["labels"], r["iterations"], method_label(r), r["seed"])
+    ):
         if not r.get("init_from"):
             continue
         from_scratch = [
@@ -218,23 +228,47 @@ def warm_start_lines(results: list) -> list:
         scratch = [
             s for s in from_scratch if s["seed"] == r["seed"] and s["iterations"] > r["iterations"]
         ]
-        if not scratch:
-            continue
-        s = max(scratch, key=lambda s: s["iterations"])
-        seeds = [mean_dice(o) for o in from_scratch if o["iterations"] == s["iterations"]]
+        if scratch:
+            s = max(scratch, key=lambda s: s["iterations"])
+            seeds = [mean_dice(o) for o in from_scratch if o["iterations"] == s["iterations"]]
+            pairs.append((r, s, seeds))
+
+    def row(group: list, seed: str) -> str:
+        r, s, seeds = group[0]
         spread = (
             f"{min(seeds):.4f}-{max(seeds):.4f} ({len(seeds)})" if len(seeds) > 1 else "one seed"
         )
         start = next((b for b in results if b["key"] == r["init_from"]), None)
-        rows.append(
-            f"| {method_label(r)} | {r['labels']} | {r['init_from']} | "
+        warm = sum(mean_dice(g[0]) for g in group) / len(group)
+        cold = sum(mean_dice(g[1]) for g in group) / len(group)
+
+        def ratio(field: str) -> str:
+            if not all(g[0].get(field) and g[1].get(field) for g in group):
+                return "not recorded"
+            a = sum(g[0][field] for g in group) / len(group)
+            b = sum(g[1][field] for g in group) / len(group)
+            return f"{a:.0f}/{b:.0f} s = {a / b:.0%}"
+
+        return (
+            f"| {method_label(r)} | {r['labels']} | {seed} | {r['init_from']} | "
             + (f"{mean_dice(start):.4f} | " if start else "n/a | ")
-            + f"{mean_dice(r):.4f} | {mean_dice(s):.4f} | {spread} | "
-            f"{mean_dice(r) - mean_dice(s):+.4f} | "
+            + f"{warm:.4f} | {cold:.4f} | {spread} | {warm - cold:+.4f} | "
             f"{r['iterations']}/{s['iterations']} = {r['iterations'] / s['iterations']:.0%} | "
-            f"{r['train_seconds']:.0f}/{s['train_seconds']:.0f} s = "
-            f"{r['train_seconds'] / s['train_seconds']:.0%} |"
+            f"{ratio('train_seconds')} | {ratio('train_cpu_seconds')} |"
         )
+
+    rows = []
+    for pair in pairs:
+        rows.append(row([pair], str(pair[0]["seed"])))
+        r = pair[0]
+        same = [
+            p
+            for p in pairs
+            if (method_label(p[0]), p[0]["labels"], p[0]["iterations"], p[0]["init_from"])
+            == (method_label(r), r["labels"], r["iterations"], r["init_from"])
+        ]
+        if len(same) > 1 and pair is same[-1]:
+            rows.append(row(same, f"mean of {len(same)}"))
     if not rows:
         return []
     return [
@@ -244,12 +278,14 @@ def warm_start_lines(results: list) -> list:
         "warm-started on the enlarged labeled set and trained for a fraction of the budget;",
         "mean foreground Dice of the starting model, the warm-started one and one trained from",
         "scratch on the same cases. Wall time includes start-up (reading the data, building",
-        "the networks), which does not shrink with the iterations. The scratch seeds column",
+        "the networks), which does not shrink with the iterations, and depends on what else",
+        "the shared machine ran at the time; CPU time (the training process's user + system",
+        "seconds) does not, and is the time to compare. The scratch seeds column",
         "gives the range of the from-scratch Dice over training seeds (and how many): the",
         "run-to-run noise a warm start's shortfall should be read against.",
         "",
-        "| run | labeled | warm start from | Dice before | Dice warm | Dice scratch | scratch seeds | Δ | iterations | train time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | labeled | seed | warm start from | Dice before | Dice warm | Dice scratch | scratch seeds | Δ | iterations | wall time | CPU time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
