@@ -85,6 +85,16 @@ def test_training_options_to_settings():
     assert custom.settings() == {"iterations": 7, "network": "unet", "batch_size": 1}
     with pytest.raises(OptionsError, match="device"):
         TrainingOptions(device="tpu").validate()
+    retrain = TrainingOptions(preset="standard").forRetraining()
+    assert retrain.settings()["iterations"] == 300  # a fifth of 1500
+    assert TrainingOptions(preset="quick", retrainShare=0.5).forRetraining().iterations == 150
+    assert custom.forRetraining().settings() == {
+        "iterations": 1,
+        "network": "unet",
+        "batch_size": 1,
+    }
+    with pytest.raises(OptionsError, match="retraining share"):
+        TrainingOptions(retrainShare=0.0).validate()
     assert parseExtraSettings("batch_size=2, patch_size=[32,32,16]; name=abc\nflag=true") == {
         "batch_size": 2,
         "patch_size": [32, 32, 16],

@@ -106,6 +106,7 @@ def test_a_whole_round_with_the_real_backend(tmp_path):
     assert [c.name for c in retrain.labeled] == ["case001", "case003", "case004"]
     assert retrain.labeled[2].label == second.label
     assert retrain.unlabeled == []
+    assert retrain.settings["iterations"] == 1  # a fifth of 3, at least one
     assert retrain.classes == {"0": "background", "1": "Anterior", "2": "Posterior"}
     np.testing.assert_array_equal(
         labelArray(retrain_path.parent / "inputs" / "labels" / "case001.nrrd"), user_labels_before

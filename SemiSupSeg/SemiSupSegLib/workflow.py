@@ -80,7 +80,9 @@ class Workflow:
         options: Optional[TrainingOptions] = None,
     ) -> Path:
         """The next round: the scene's labeled pairs plus every accepted case, the remaining
-        unlabeled cases of the last round, warm-started from the last round's model."""
+        unlabeled cases of the last round, warm-started from the last round's model for
+        ``options.retrainShare`` of the iterations (``TrainingOptions.forRetraining``)."""
+        options = (options or TrainingOptions()).validate().forRetraining()
         return self._export(pairs, (), None, options, retrain=True)
 
     def _export(self, pairs, unlabeledVolumes, unlabeledFolder, options, retrain: bool) -> Path:
