@@ -17,7 +17,7 @@ from SemiSupSegLib.backend.errors import CancelledError, ConfigError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.methods import create_method
 from SemiSupSegLib.backend.methods.mn import TwoCycleSchedule, lr_guided_unlabeled
-from SemiSupSegLib.backend.training import StopFlag, train
+from SemiSupSegLib.backend.training import StopFlag, previous_method_state, train
 
 # Three levels, so 16-voxel test patches keep more than one voxel at the bottom.
 SMALL_UNET = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
@@ -223,3 +223,36 @@ def test_short_cotraining_on_hippocampus_lowers_both_losses(hippocampus, tmp_pat
         losses = [e["loss"][key] for e in progress]
         early, late = np.mean(losses[:5]), np.mean(losses[-5:])
         assert late < 0.95 * early, (key, early, late)
+
+
+def test_warm_start_resumes_the_2d_partner(hippocampus, tmp_path):
+    """A retraining round starts both networks from the previous round: the 3D model from
+    the model file, the trained 2D model from the checkpoint beside it. From a model of
+    another method (no 2D partner) the 2D model starts fresh, and the log says so."""
+    dataset = Dataset(hippocampus.labeled[:2], hippocampus.labeled[2:4], hippocampus.classes, "MR")
+    config = _config().with_setting("iterations", 2)
+    train(dataset, config, tmp_path / "round1")
+    previous = load_checkpoint(tmp_path / "round1" / "model.pt")
+    assert "method_state" not in previous  # the model file holds the 3D model only
+
+    state = previous_method_state(previous, tmp_path / "round1" / "model.pt", config)
+    method = create_method(config, 3, torch.device("cpu"))
+    assert method.warm_start(previous["model"]["state_dict"], state) == []
+    trained_2d = load_checkpoint(tmp_path / "round1" / "checkpoint.pt")["method_state"]["net2d"]
+    for name, value in method.net2d.state_dict().items():
+        assert torch.equal(value, trained_2d[name]), name
+
+    supervised = config.with_setting("method", "supervised").with_setting("method_options", {})
+    train(Dataset(dataset.labeled, [], dataset.classes, "MR"), supervised, tmp_path / "sup")
+    events_path = tmp_path / "events.jsonl"
+    sink = EventSink(str(events_path), quiet=True)
+    train(
+        dataset,
+        config.with_setting("iterations", 2),
+        tmp_path / "round2",
+        sink,
+        init_from=tmp_path / "sup",
+    )
+    sink.close()
+    logs = [json.loads(line).get("message", "") for line in events_path.read_text().splitlines()]
+    assert any(m.startswith("net2d: not in a mn checkpoint") for m in logs), logs

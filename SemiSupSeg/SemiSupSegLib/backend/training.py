@@ -25,7 +25,7 @@ from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.data import BatchSource
 from SemiSupSegLib.backend.datasets import Dataset
 from SemiSupSegLib.backend.device import describe_device, select_device
-from SemiSupSegLib.backend.errors import CancelledError, ConfigError
+from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink, RateEstimator
 from SemiSupSegLib.backend.methods import Method, create_method
 from SemiSupSegLib.backend.networks import network_divisor
@@ -148,7 +148,7 @@ def _train(
             method.deploy_network().state_dict(),
             config.warm_start_shrink,
         )
-        method.warm_start(weights)
+        fresh = method.warm_start(weights, previous_method_state(previous, init_from, config))
         average.reset()
         events.log(
             f"warm start from {init_from}"
@@ -158,6 +158,11 @@ def _train(
                 else ""
             )
         )
+        if fresh:
+            events.log(
+                f"{', '.join(fresh)}: not in a {config.method} checkpoint beside {init_from}; "
+                "starts fresh"
+            )
         labeled_weights = new_case_weights(
             [c.name for c in dataset.labeled], previous_labeled(previous, init_from), config
         )
@@ -380,6 +385,25 @@ def shrink_towards(
         else:
             mixed[name] = value
     return mixed
+
+
+def previous_method_state(
+    previous: Dict[str, Any], init_from: str | Path, config: TrainConfig
+) -> Optional[Dict[str, Any]]:
+    """The previous round's full method state (every network, not only the deployed one), if
+    it trained with the same method: from ``previous`` when that is a checkpoint, else from
+    the checkpoint in its run folder."""
+    if "method_state" not in previous:
+        folder = Path(init_from) if Path(init_from).is_dir() else Path(init_from).parent
+        if not (folder / CHECKPOINT_NAME).exists():
+            return None
+        try:
+            previous = load_checkpoint(folder / CHECKPOINT_NAME)
+        except DataError:
+            return None
+    if previous.get("config", {}).get("method") != config.method:
+        return None
+    return previous.get("method_state")
 
 
 def previous_labeled(previous: Dict[str, Any], init_from: str | Path) -> Optional[List[str]]:

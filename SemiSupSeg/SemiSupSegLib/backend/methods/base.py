@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from monai.losses import DiceCELoss
@@ -57,6 +57,15 @@ class StepResult:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
+def _same_layout(state: Any, reference: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds the same tensors, by name and shape, as ``reference``."""
+    return (
+        isinstance(state, dict)
+        and state.keys() == reference.keys()
+        and all(getattr(state[k], "shape", None) == v.shape for k, v in reference.items())
+    )
+
+
 class Method:
     """A training method. The shared loop asks it, per iteration, how many labeled and
     unlabeled patches it wants, hands it those, and checkpoints its ``state_dict``."""
@@ -104,9 +113,28 @@ class Method:
         for name, part in self.stateful().items():
             part.load_state_dict(state[name])
 
-    def warm_start(self, network_state: Dict[str, torch.Tensor]) -> None:
-        """Start from a previous round's deployed weights (retraining after corrections)."""
+    def companions(self) -> Dict[str, nn.Module]:
+        """Trained networks besides the deployed one that a warm start should also resume
+        (by their ``stateful`` name), e.g. the 2D partner of a co-training method."""
+        return {}
+
+    def warm_start(
+        self,
+        network_state: Dict[str, torch.Tensor],
+        previous_state: Optional[Dict[str, Any]] = None,
+    ) -> List[str]:
+        """Start from a previous round's deployed weights (retraining after corrections), and
+        the ``companions`` from ``previous_state`` (that round's ``state_dict``) where it has
+        them. Returns the companions it did not have, which keep their fresh start."""
         self.deploy_network().load_state_dict(network_state)
+        missing = []
+        for name, network in self.companions().items():
+            state = (previous_state or {}).get(name)
+            if _same_layout(state, network.state_dict()):
+                network.load_state_dict(state)
+            else:  # absent, or another architecture (e.g. another 2D encoder)
+                missing.append(name)
+        return missing
 
     def distribute(self) -> None:
         """Prepare data-parallel training under torchrun: every network in ``stateful`` with

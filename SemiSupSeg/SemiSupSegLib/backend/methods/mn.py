@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from SemiSupSegLib.backend.config import TrainConfig
@@ -263,6 +264,11 @@ class MNMethod(Method):
     # --- deployment and checkpoints
     def deploy_network(self) -> SegmentationNetwork:
         return self.net3d
+
+    def companions(self) -> Dict[str, nn.Module]:
+        # Without its trained 2D partner a retraining round would co-train the 3D model with
+        # pseudo-masks from a 2D model that has seen a few dozen labeled batches.
+        return {"net2d": self.net2d}
 
     def stateful(self) -> Dict[str, Any]:
         return {

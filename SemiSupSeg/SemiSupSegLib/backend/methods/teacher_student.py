@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -238,9 +238,14 @@ class TeacherStudentMethod(Method):
     def deploy_network(self) -> SegmentationNetwork:
         return self.teacher if self.options["deploy"] == "teacher" else self.student
 
-    def warm_start(self, network_state: Dict[str, torch.Tensor]) -> None:
+    def warm_start(
+        self,
+        network_state: Dict[str, torch.Tensor],
+        previous_state: Optional[Dict[str, Any]] = None,
+    ) -> List[str]:
         self.student.load_state_dict(network_state)
         self.teacher.load_state_dict(network_state)
+        return []
 
     def stateful(self) -> Dict[str, Any]:
         return {
