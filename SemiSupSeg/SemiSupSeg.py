@@ -94,6 +94,7 @@ class SemiSupSegParameterNode:
     unlabeledVolumes - unlabeled volumes from the scene; unlabeledFolder - or from disk.
     method ... extraSettings - training choices; outputFolder - where rounds are written.
     colourMap, uncertaintyOpacity - how the uncertainty overlay is shown.
+    fastRetrain - Retrain warm-starts for a fifth of the budget (else from scratch, in full).
     """
 
     labeledVolumes: list[vtkMRMLScalarVolumeNode]
@@ -115,6 +116,7 @@ class SemiSupSegParameterNode:
     extraSettings: str = ""
     colourMap: Annotated[str, Choice(list(COLOUR_MAPS))] = "Inferno"
     uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.4
+    fastRetrain: bool = True
 
 
 def _isSet(path: Optional[pathlib.Path]) -> bool:
@@ -563,6 +565,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             device=p.device,
             modality=p.modality,
             extraSettings=parseExtraSettings(p.extraSettings),
+            warmStart=p.fastRetrain,
         ).validate()
 
     def labeledNodePairs(self, p):

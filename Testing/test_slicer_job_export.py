@@ -88,6 +88,8 @@ def test_training_options_to_settings():
     retrain = TrainingOptions(preset="standard").forRetraining()
     assert retrain.settings()["iterations"] == 300  # a fifth of 1500
     assert TrainingOptions(preset="quick", retrainShare=0.5).forRetraining().iterations == 150
+    scratch = TrainingOptions(preset="standard", warmStart=False).forRetraining()
+    assert scratch.settings()["iterations"] == 1500  # from scratch: the full budget
     assert custom.forRetraining().settings() == {
         "iterations": 1,
         "network": "unet",

@@ -7,6 +7,7 @@ What this cannot check is how Slicer itself connects the widgets; test_slicer_ui
 the .ui side, and the in-Slicer tests (SemiSupSegTest, Testing/Python) run the panel."""
 
 import importlib.util
+import json
 import pathlib
 import sys
 import types
@@ -149,6 +150,11 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
     assert logic.acceptedCases(p) == [("hc004", accepted.label, "round 1 (v1)")]
     retrain = logic.exportRetrainJob(p)
     assert retrain.parent.name == "round-002"
+    assert json.loads(retrain.read_text())["init_from"].endswith("model.pt")
+    p.fastRetrain = False  # the Fast check box
+    scratch = json.loads(logic.exportRetrainJob(p).read_text())
+    assert scratch["init_from"] is None
+    assert scratch["settings"]["iterations"] == logic.trainingOptions(p).totalIterations()
 
 
 def test_an_external_python_must_be_chosen(module, tmp_path):

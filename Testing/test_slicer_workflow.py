@@ -118,6 +118,16 @@ def test_a_whole_round_with_the_real_backend(tmp_path):
     session = json.loads((tmp_path / "session" / "semisupseg-session.json").read_text())
     assert [r["status"] for r in session["rounds"]] == ["finished", "finished"]
 
+    # Fast unchecked: the same enlarged labeled set, from scratch, the full budget
+    scratch = JobSpec.load(
+        workflow.exportRetrainJob(
+            pairs, TrainingOptions(**{**OPTIONS.__dict__, "warmStart": False})
+        )
+    )
+    assert scratch.init_from is None
+    assert scratch.settings["iterations"] == OPTIONS.totalIterations()
+    assert [c.name for c in scratch.labeled] == ["case001", "case003", "case004"]
+
 
 def test_cancel_leaves_the_scene_untouched(tmp_path):
     scene, pairs, unlabeled = build_scene()

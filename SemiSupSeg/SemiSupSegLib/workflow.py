@@ -81,7 +81,8 @@ class Workflow:
     ) -> Path:
         """The next round: the scene's labeled pairs plus every accepted case, the remaining
         unlabeled cases of the last round, warm-started from the last round's model for
-        ``options.retrainShare`` of the iterations (``TrainingOptions.forRetraining``)."""
+        ``options.retrainShare`` of the iterations, or from scratch for the full budget if
+        ``options.warmStart`` is off (``TrainingOptions.forRetraining``)."""
         options = (options or TrainingOptions()).validate().forRetraining()
         return self._export(pairs, (), None, options, retrain=True)
 
@@ -94,6 +95,8 @@ class Workflow:
                 extraLabeled, extraUnlabeled, initFrom = self.session.retrainInputs()
             except ResultsError as err:
                 raise WorkflowError(str(err)) from None
+            if not options.warmStart:
+                initFrom = None
             classes = self.session.classes
             if not extraLabeled:
                 raise WorkflowError(
