@@ -226,7 +226,7 @@ def warm_start_lines(results: list) -> list:
             and (s["method"], s["labels"], s["network"]) == (r["method"], r["labels"], r["network"])
         ]
         scratch = [
-            s for s in from_scratch if s["seed"] == r["seed"] and s["iterations"] > r["iterations"]
+            s for s in from_scratch if s["seed"] == r["seed"] and s["iterations"] >= r["iterations"]
         ]
         if scratch:
             s = max(scratch, key=lambda s: s["iterations"])
@@ -311,7 +311,7 @@ def retraining_summary(results: list) -> list:
             if not s.get("init_from")
             and not s.get("variant")
             and (s["method"], s["labels"], s["network"]) == (method, labels, network)
-            and s["iterations"] > iterations
+            and s["iterations"] >= iterations
             and s.get("case_dice")
         ]
         if not scratch:
@@ -337,13 +337,17 @@ def retraining_summary(results: list) -> list:
             if cpu_warm and cpu_scratch
             else "CPU time not recorded"
         )
+        wall_share = (sum(r["train_seconds"] for r in warm) / len(warm)) / (
+            sum(s["train_seconds"] for s in scratch) / len(scratch)
+        )
         start = next((b for b in results if b["key"] == init_from), None)
         before = f"{start['labels']} -> " if start else ""
         reached = dice_warm >= min(seeds) and p >= 0.05
         lines.append(
             f"| retraining after corrections, {method} ({before}{labels} labeled): warm start "
             f"against from scratch ({len(warm)} and {len(scratch)} seeds) | "
-            f"{iterations / budget:.0%} of iterations, {cpu_share}; "
+            f"{iterations / budget:.0%} of iterations, {wall_share:.0%} of wall time, "
+            f"{cpu_share}; "
             f"Dice {dice_warm:.4f} against {dice_scratch:.4f} "
             f"(seeds {min(seeds):.4f}-{max(seeds):.4f}), per case {sum(diff) / len(diff):+.4f}, "
             f"p = {p:.2g}: from-scratch Dice "
