@@ -470,11 +470,19 @@ def write_report(results: list) -> None:
     lines += warm_start_lines(results)
     lines += performance_lines(results)
     variants = sorted(
-        {(method_label(r), " ".join(r["settings"])) for r in results if r.get("variant")}
+        {
+            (
+                method_label(r),
+                f"`{' '.join(r['settings'])}`" if r["settings"] else "default settings",
+                f", warm start from `{r['init_from']}`" if r.get("init_from") else "",
+            )
+            for r in results
+            if r.get("variant")
+        }
     )
     if variants:
         lines += ["", "Variants (settings beside the defaults):", ""]
-        lines += [f"- `{name}`: `{settings}`" for name, settings in variants]
+        lines += [f"- `{name}`: {settings}{start}" for name, settings, start in variants]
     lines += [
         "",
         "![Dice against the number of labeled cases](benchmarks.png)",
