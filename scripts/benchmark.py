@@ -208,6 +208,17 @@ def mean_dice(result: dict) -> float:
     return sum(class_stat(result["summary"], v, "dice") for v in CLASS_NAMES) / len(CLASS_NAMES)
 
 
+def from_scratch_runs(results: list, method: str, labels: int, network: str) -> list:
+    """The runs trained from scratch with default settings on ``labels`` labeled cases."""
+    return [
+        s
+        for s in results
+        if not s.get("init_from")
+        and not s.get("variant")
+        and (s["method"], s["labels"], s["network"]) == (method, labels, network)
+    ]
+
+
 def warm_start_lines(results: list) -> list:
     """Retraining after corrections: each warm-started run against training from scratch on
     the same labeled cases (same method, network and seed, the default budget); where a
@@ -218,13 +229,7 @@ def warm_start_lines(results: list) -> list:
     ):
         if not r.get("init_from"):
             continue
-        from_scratch = [
-            s
-            for s in results
-            if not s.get("init_from")
-            and not s.get("variant")
-            and (s["method"], s["labels"], s["network"]) == (r["method"], r["labels"], r["network"])
-        ]
+        from_scratch = from_scratch_runs(results, r["method"], r["labels"], r["network"])
         scratch = [
             s for s in from_scratch if s["seed"] == r["seed"] and s["iterations"] >= r["iterations"]
         ]
@@ -313,19 +318,14 @@ def retraining_summary(results: list) -> list:
     for (method, labels, network, iterations, init_from), warm in sorted(groups.items()):
         scratch = [
             s
-            for s in results
-            if not s.get("init_from")
-            and not s.get("variant")
-            and (s["method"], s["labels"], s["network"]) == (method, labels, network)
-            and s["iterations"] >= iterations
-            and s.get("case_dice")
+            for s in from_scratch_runs(results, method, labels, network)
+            if s["iterations"] >= iterations and s.get("case_dice")
         ]
         if not scratch:
             continue
         budget = max(s["iterations"] for s in scratch)
         scratch = [s for s in scratch if s["iterations"] == budget]
         cases = sorted(set.intersection(*(set(r["case_dice"]) for r in warm + scratch)))
-
         diff = [
             sum(r["case_dice"][c] for r in warm) / len(warm)
             - sum(s["case_dice"][c] for s in scratch) / len(scratch)

@@ -387,6 +387,11 @@ def shrink_towards(
     return mixed
 
 
+def run_folder(path: str | Path) -> Path:
+    """The run folder of a model: ``path`` itself, or the folder of a model file."""
+    return Path(path) if Path(path).is_dir() else Path(path).parent
+
+
 def previous_method_state(
     previous: Dict[str, Any], init_from: str | Path, config: TrainConfig
 ) -> Optional[Dict[str, Any]]:
@@ -394,7 +399,7 @@ def previous_method_state(
     it trained with the same method: from ``previous`` when that is a checkpoint, else from
     the checkpoint in its run folder."""
     if "method_state" not in previous:
-        folder = Path(init_from) if Path(init_from).is_dir() else Path(init_from).parent
+        folder = run_folder(init_from)
         if not (folder / CHECKPOINT_NAME).exists():
             return None
         try:
@@ -411,9 +416,8 @@ def previous_labeled(previous: Dict[str, Any], init_from: str | Path) -> Optiona
     from ``cases.json`` in its run folder (models written before the names were kept)."""
     if previous.get("labeled_cases") is not None:
         return list(previous["labeled_cases"])
-    folder = Path(init_from) if Path(init_from).is_dir() else Path(init_from).parent
     try:
-        cases = json.loads((folder / "cases.json").read_text(encoding="utf-8"))
+        cases = json.loads((run_folder(init_from) / "cases.json").read_text(encoding="utf-8"))
         return [c["name"] for c in cases["labeled"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
