@@ -246,13 +246,7 @@ def test_warm_start_resumes_the_2d_partner(hippocampus, tmp_path):
     train(Dataset(dataset.labeled, [], dataset.classes, "MR"), supervised, tmp_path / "sup")
     events_path = tmp_path / "events.jsonl"
     sink = EventSink(str(events_path), quiet=True)
-    train(
-        dataset,
-        config.with_setting("iterations", 2),
-        tmp_path / "round2",
-        sink,
-        init_from=tmp_path / "sup",
-    )
+    train(dataset, config, tmp_path / "round2", sink, init_from=tmp_path / "sup")
     sink.close()
     logs = [json.loads(line).get("message", "") for line in events_path.read_text().splitlines()]
     assert any(m.startswith("net2d: not in a mn checkpoint") for m in logs), logs
