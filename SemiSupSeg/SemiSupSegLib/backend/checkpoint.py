@@ -1,12 +1,18 @@
-"""Checkpoints: written atomically, with the config and library versions needed to reuse them."""
+"""Checkpoints: written atomically, with the config and library versions needed to reuse them.
+
+Model files are shared between colleagues, so they are read with ``torch.load(weights_only=True)``:
+tensors and plain values (numbers, strings, lists, dicts) only, never arbitrary Python objects,
+whose unpickling could run code. Everything a checkpoint holds is stored in those terms.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import platform
 import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -29,7 +35,7 @@ def library_versions() -> Dict[str, str]:
     return {
         "semisupseg": SemiSupSegLib.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion object would not load safely
         "monai": monai.__version__,
         "timm": timm.__version__,
         "SimpleITK": SimpleITK.Version_VersionString(),
@@ -71,9 +77,24 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     if not path.exists():
         raise DataError(path, "checkpoint file not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # the weights-only reader's word for an object
+            raise DataError(
+                path, "not a readable checkpoint: damaged or not a model file"
+            ) from None
+        raise DataError(
+            path,
+            "refused: the file holds Python objects besides weights, which could run code when "
+            "loaded; only model files written by SemiSupSeg are accepted",
+        ) from None
     except Exception as err:  # torch raises many types for damaged files
-        raise DataError(path, f"not a readable checkpoint ({type(err).__name__}: {err})") from None
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise DataError(
+            path,
+            f"not a readable checkpoint ({type(err).__name__}{': ' if reason else ''}{reason})",
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(path, "not a SemiSupSeg checkpoint")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -81,10 +102,22 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     return payload
 
 
+# Checkpoints written before model files were loaded safely hold a TorchVersion and NumPy's
+# random state (an array); these constructors only build such values, so they stay readable.
+_LEGACY_GLOBALS = [
+    torch.torch_version.TorchVersion,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    np.zeros(0).__reduce__()[0],  # numpy's array reconstructor (module path varies by version)
+]
+
+
 def rng_state() -> Dict[str, Any]:
+    """The global random number generators' states, in plain values and tensors."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": random_state_to_list(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -92,7 +125,26 @@ def rng_state() -> Dict[str, Any]:
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(random_state_from_list(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def random_state_to_list(state: tuple) -> List[Any]:
+    """A ``numpy.random.RandomState`` state tuple as plain values (its key array as a list)."""
+    kind, keys, position, has_gauss, cached_gaussian = state
+    return [
+        str(kind),
+        [int(k) for k in keys],
+        int(position),
+        int(has_gauss),
+        float(cached_gaussian),
+    ]
+
+
+def random_state_from_list(state: Any) -> tuple:
+    """The state tuple ``numpy.random.RandomState.set_state`` takes, from ``random_state_to_list``
+    (or from an older checkpoint, which kept the tuple itself)."""
+    kind, keys, position, has_gauss, cached_gaussian = state
+    return (kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian)
