@@ -68,4 +68,4 @@ def train_tiny(folder: Path, run: Path, iterations: int = 2, *extra: object) -> 
          *extra],
         folder / "train-events.jsonl",
     )  # fmt: skip
-    assert code == 0, events[-1]
+    assert code == 0, events[-1]["message"]

@@ -119,11 +119,13 @@ class JobSpec:
         }
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ProtocolError(f"job: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        version = data.get("version")
-        if version != PROTOCOL_VERSION:
             raise ProtocolError(
-                f"job.version: this backend speaks protocol {PROTOCOL_VERSION}, the job says {version!r}"
+                f"job: unknown field(s) {shorten(str(unknown))}; known fields: {sorted(known)}"
+            )
+        version = data.get("version")
+        if type(version) is not int or version != PROTOCOL_VERSION:  # true == 1 in Python
+            raise ProtocolError(
+                f"job.version: this backend speaks protocol {PROTOCOL_VERSION}, the job says {shorten(repr(version))}"
             )
         method = _choice(data, "method", METHODS, "supervised")
         device = _choice(data, "device", DEVICES, "auto")
@@ -184,12 +186,18 @@ class JobSpec:
             text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise ProtocolError(f"{path}: cannot read the job file ({err.strerror})") from err
+        except UnicodeDecodeError as err:
+            raise ProtocolError(
+                f"{path}: not a UTF-8 text file (byte {err.start}); a job file is UTF-8 JSON"
+            ) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ProtocolError(
                 f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
             ) from err
+        except RecursionError:
+            raise ProtocolError(f"{path}: JSON nested too deeply to be a job file") from None
         try:
             return cls.from_dict(data)
         except ProtocolError as err:
@@ -217,7 +225,7 @@ class JobSpec:
 def _choice(data: Dict[str, Any], key: str, allowed: tuple, default: str) -> str:
     value = data.get(key, default)
     if value not in allowed:
-        raise ProtocolError(f"job.{key}: {value!r} is not one of {list(allowed)}")
+        raise ProtocolError(f"job.{key}: {shorten(repr(value))} is not one of {list(allowed)}")
     return value
 
 
@@ -245,7 +253,36 @@ def _case_name(item: Dict[str, Any], where: str) -> str:
         name = case_name_from_path(_text(item, "image", where))
     if not isinstance(name, str) or not name:
         raise ProtocolError(f"{where}.name: expected a non-empty string")
+    problem = case_name_problem(name)
+    if problem:
+        raise ProtocolError(f"{where}.name: {shorten(repr(name))} {problem}")
     return name
+
+
+def case_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be a case name, or None when it can.
+
+    A case name becomes a file name inside an output folder (``<out>/<case>.nii.gz``), so it
+    must stay a plain file name there: no path separator, no drive, no ``..``, not hidden.
+    """
+    if not name:
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "contains a path separator; a case name must be a plain file name"
+    if name.startswith("."):
+        return "starts with a dot ('..' or a hidden file); a case name must be a plain file name"
+    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
+        return "starts with a drive letter; a case name must be a plain file name"
+    if any(ord(character) < 32 for character in name):
+        return "contains a control character"
+    return None
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text``, cut to ``limit`` characters with a note of how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def _labeled_case(item: Any, index: int) -> LabeledCase:
@@ -276,7 +313,9 @@ def _classes(value: Any) -> Dict[str, str]:
         try:
             number = int(key)
         except (TypeError, ValueError):
-            raise ProtocolError(f"job.classes: key {key!r} is not an integer label value") from None
+            raise ProtocolError(
+                f"job.classes: key {shorten(repr(key))} is not an integer label value"
+            ) from None
         if number < 0 or number > 255:
             raise ProtocolError(f"job.classes: label value {number} is outside 0..255")
         if not isinstance(name, str) or not name:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from SemiSupSegLib.backend.atomic_files import temporary_name
 from SemiSupSegLib.backend.errors import DataError
 
 FORMAT = "semisupseg-checkpoint"
@@ -54,7 +55,7 @@ def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
         "versions": library_versions(),
         **payload,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -64,16 +65,21 @@ def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
     return path
 
 
+def model_file(path: str | Path) -> Path:
+    """The file a run folder's model is read from: ``model.pt``, else the (possibly unfinished)
+    ``checkpoint.pt``; ``path`` itself when it is not a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in (MODEL_NAME, CHECKPOINT_NAME):
+        if (path / name).exists():
+            return path / name
+    raise DataError(path, f"no {MODEL_NAME} or {CHECKPOINT_NAME} in this run folder")
+
+
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``; clear errors for anything else."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (MODEL_NAME, CHECKPOINT_NAME):
-            if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise DataError(path, f"no {MODEL_NAME} or {CHECKPOINT_NAME} in this run folder")
+    path = model_file(path)
     if not path.exists():
         raise DataError(path, "checkpoint file not found")
     try:

@@ -206,7 +206,16 @@ def _train(args: argparse.Namespace, events) -> None:
     config = TrainConfig.from_dict(values).validate()
     check_dataset(dataset, events, check_unlabeled=config.method != "supervised")
     with StopFlag().installed() as stop:
-        train(dataset, config, args.out, events, stop, resume=args.resume, init_from=args.init_from)
+        train(
+            dataset,
+            config,
+            args.out,
+            events,
+            stop,
+            resume=args.resume,
+            init_from=args.init_from,
+            new_budget=config.iterations if "iterations" in values else None,
+        )
 
 
 def _load_training_data(args: argparse.Namespace):

@@ -6,6 +6,10 @@ stream starts), so memory does not grow with the number of volumes. Each stream 
 ``IterableDataset`` of single patches. Drawing overlaps compute either in a background thread
 per stream that keeps ``prefetch`` patches ready (``num_workers`` = 0, the default) or in
 ``DataLoader`` worker processes (``num_workers`` > 0).
+
+Drawn in this process (``num_workers`` = 0), each patch carries the state of its stream's random
+generators after it was drawn; ``BatchSource.state_dict`` keeps that of the last patch used, so
+a resumed training continues the very stream an uninterrupted one would have drawn.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+from monai.transforms import Randomizable, Transform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from SemiSupSegLib.backend.checkpoint import random_state_from_list, random_state_to_list
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import Case
 from SemiSupSegLib.backend.preprocessing import (
@@ -34,6 +40,8 @@ from SemiSupSegLib.backend.volumes import read_image
 
 #: Share of the memory available when a stream starts that its volume cache may hold.
 CACHE_MEMORY_SHARE = 0.25
+#: The key under which a patch drawn in this process carries its stream's state.
+STREAM_STATE = "stream_state"
 
 
 @dataclass
@@ -111,7 +119,9 @@ class PatchStream(IterableDataset):
     """Endless random patches from ``cases``: image and label when ``labeled``, else image.
 
     The order of patches depends only on ``seed`` (and the worker's index in a DataLoader),
-    not on when or in which thread they are drawn.
+    not on when or in which thread they are drawn. Outside a DataLoader worker, each patch
+    carries under ``STREAM_STATE`` the generators' state after it, and ``start_state`` (such a
+    state) continues the stream from there.
     """
 
     def __init__(
@@ -121,6 +131,7 @@ class PatchStream(IterableDataset):
         labeled: bool,
         seed: int,
         weights: Optional[Sequence[float]] = None,
+        start_state: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if not cases:
@@ -130,6 +141,7 @@ class PatchStream(IterableDataset):
         self.config = config
         self.labeled = labeled
         self.seed = seed
+        self.start_state = start_state
         self.cache: Optional[VolumeCache] = None  # the last iterator's, for reports
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
@@ -140,6 +152,11 @@ class PatchStream(IterableDataset):
             labeled_transforms(self.config) if self.labeled else unlabeled_transforms(self.config)
         )
         transform.set_random_state(seed=int(rng.integers(2**31)))
+        generators = _random_generators(transform)
+        if info is None and self.start_state is not None:
+            rng.bit_generator.state = self.start_state["generator"]
+            for generator, state in zip(generators, self.start_state["transforms"]):
+                generator.set_state(random_state_from_list(state))
         workers = 1 if info is None else info.num_workers
         available = available_memory()
         budget = None if available is None else int(CACHE_MEMORY_SHARE * available / 2 / workers)
@@ -160,7 +177,31 @@ class PatchStream(IterableDataset):
             out = {"image": torch.as_tensor(patch["image"], dtype=torch.float32)}
             if self.labeled:
                 out["label"] = torch.as_tensor(patch["label"]).to(torch.int64)
+            if info is None:
+                out[STREAM_STATE] = {
+                    "generator": rng.bit_generator.state,
+                    "transforms": [random_state_to_list(g.get_state()) for g in generators],
+                }
             yield out
+
+
+def _random_generators(transform: Any) -> List[np.random.RandomState]:
+    """Every random generator inside a MONAI transform (a Compose, the dictionary transforms
+    in it and the array transforms they wrap), in a fixed order."""
+    found: List[np.random.RandomState] = []
+    seen = set()
+    pending = [transform]
+    while pending:
+        item = pending.pop(0)
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Randomizable) and all(item.R is not g for g in found):
+            found.append(item.R)
+        for value in getattr(item, "__dict__", {}).values():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            pending.extend(v for v in values if isinstance(v, (Transform, Randomizable)))
+    return found
 
 
 def _probabilities(weights: Sequence[float], count: int) -> np.ndarray:
@@ -253,28 +294,46 @@ class BatchSource:
         config: TrainConfig,
         seed: int,
         labeled_weights: Optional[Sequence[float]] = None,
+        state: Optional[Dict[str, Any]] = None,
     ) -> None:
-        """``labeled_weights``: relative chance of each labeled case (None: all equal)."""
+        """``labeled_weights``: relative chance of each labeled case (None: all equal);
+        ``state``: a ``state_dict`` to continue from (None: start afresh from ``seed``)."""
+        state = state or {}
         self.streams: List[PatchStream] = [
-            PatchStream(labeled, config, True, seed, labeled_weights)
+            PatchStream(labeled, config, True, seed, labeled_weights, state.get("labeled"))
         ]
         self._labeled = _endless(self.streams[0], config)
         self._unlabeled: Optional[Iterator] = None
         if unlabeled:
-            self.streams.append(PatchStream(unlabeled, config, False, seed + 1))
+            self.streams.append(
+                PatchStream(unlabeled, config, False, seed + 1, None, state.get("unlabeled"))
+            )
             self._unlabeled = _endless(self.streams[1], config)
+        self._state: Dict[str, Any] = dict(state)
+        self._tracked = config.num_workers <= 0
 
     @property
     def has_unlabeled(self) -> bool:
         return self._unlabeled is not None
 
     def labeled(self, count: int) -> Dict[str, torch.Tensor]:
-        return _stack([next(self._labeled) for _ in range(count)])
+        return self._take(self._labeled, count, "labeled")
 
     def unlabeled(self, count: int) -> Dict[str, torch.Tensor]:
         if self._unlabeled is None:
             raise RuntimeError("this run has no unlabeled images")
-        return _stack([next(self._unlabeled) for _ in range(count)])
+        return self._take(self._unlabeled, count, "unlabeled")
+
+    def _take(self, stream: Iterator, count: int, kind: str) -> Dict[str, torch.Tensor]:
+        items = [next(stream) for _ in range(count)]
+        for item in items:
+            self._state[kind] = item.pop(STREAM_STATE, None)
+        return _stack(items)
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        """Where the streams stand after the patches used so far (plain values), or None when
+        worker processes draw them (their streams are not tracked)."""
+        return dict(self._state) if self._tracked else None
 
     def close(self) -> None:
         """Stop background drawing (prefetch threads); worker processes end with the source."""

@@ -10,7 +10,7 @@ predicted boundary, where errors concentrate; higher means review first.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -21,29 +21,41 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from SemiSupSegLib.backend.checkpoint import load_checkpoint
+from SemiSupSegLib.backend.atomic_files import write_text_atomic
+from SemiSupSegLib.backend.checkpoint import load_checkpoint, model_file
 from SemiSupSegLib.backend.datasets import Case
 from SemiSupSegLib.backend.device import select_device
-from SemiSupSegLib.backend.errors import CancelledError
+from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.backend.folder_lock import FolderLock
 from SemiSupSegLib.backend.networks import SegmentationNetwork, network_from_spec
+from SemiSupSegLib.backend.prediction_manifest import (
+    COMPLETE,
+    PARTIAL,
+    check_replaceable,
+    write_manifest,
+)
 from SemiSupSegLib.backend.preprocessing import (
     PreparedVolume,
     prepare_volume,
     resample_like,
     xyz_to_zyx,
 )
+from SemiSupSegLib.backend.staging import StagedFolder
 from SemiSupSegLib.backend.uncertainty import (  # noqa: F401  (re-exported)
     batched_passes,
     enable_mc_dropout,
     entropy,
     uncertainty_from_passes,
 )
+from SemiSupSegLib.backend.validation import validate_image
 from SemiSupSegLib.backend.volumes import read_image, write_image
-from SemiSupSegLib.protocol import IMAGE_SUFFIXES
+from SemiSupSegLib.protocol import IMAGE_SUFFIXES, case_name_problem, shorten
 
 UNCERTAINTY_FOLDER = "uncertainty"
 SCORES_NAME = "scores.csv"
+#: Monte Carlo dropout passes at most: each pass holds a copy of the class probabilities.
+MAX_MC_SAMPLES = 100
 
 
 @dataclass
@@ -87,15 +99,25 @@ class Predictor:
         self.sw_batch_size = sw_batch_size
         self.mc_chunk = mc_chunk
         self.roi_size = xyz_to_zyx(preprocessing["patch_size"])
+        #: The model file and its iteration, recorded in the predictions' manifest.
+        self.source: Dict[str, Any] = {}
 
     @classmethod
     def from_run(cls, run: str | Path, device: str = "auto", **kwargs: Any) -> Predictor:
         """Load ``model.pt`` (or ``checkpoint.pt``) from a run folder or a file path."""
-        state = load_checkpoint(run)
+        path = model_file(run)
+        state = load_checkpoint(path)
         network = network_from_spec(state["model"]["spec"])
         network.load_state_dict(state["model"]["state_dict"])
         classes = {int(k): v for k, v in state["classes"].items()}
-        return cls(network, classes, state["preprocessing"], select_device(device), **kwargs)
+        predictor = cls(network, classes, state["preprocessing"], select_device(device), **kwargs)
+        predictor.source = {
+            "file": str(path.absolute()),
+            "iteration": state.get("iteration"),
+            "iterations": state.get("config", {}).get("iterations"),
+            "run_id": state.get("run_id"),
+        }
+        return predictor
 
     def prepare(self, name: str, image: sitk.Image) -> PreparedVolume:
         p = self.preprocessing
@@ -190,7 +212,13 @@ def _resample_array(array: np.ndarray, working: sitk.Image, original: sitk.Image
 
 
 def output_name(case: Case) -> str:
-    """The output file name: the case name with the input's extension (.nii.gz for DICOM)."""
+    """The output file name: the case name with the input's extension (.nii.gz for DICOM).
+
+    Raises DataError for a case name that is not a plain file name (it would be written
+    outside the output folder)."""
+    problem = case_name_problem(case.name)
+    if problem:
+        raise DataError(case.image, f"case name {shorten(repr(case.name))} {problem}")
     source = str(case.image).lower()
     for suffix in IMAGE_SUFFIXES:
         if source.endswith(suffix):
@@ -209,36 +237,61 @@ def predict_cases(
     stop: Any = None,
 ) -> List[Dict[str, Any]]:
     """Predict every case into ``out_dir``: ``<case>.<ext>`` label maps, ``uncertainty/<case>.<ext>``
-    maps and ``scores.csv`` (most uncertain first). Returns the score rows."""
+    maps, ``scores.csv`` (most uncertain first) and ``predictions.json`` (the manifest: model,
+    time, cases). Returns the score rows.
+
+    Every input is checked before anything is written. The outputs are written into a temporary
+    folder beside ``out_dir`` that replaces it whole once all are written (``staging``), under
+    ``out_dir``'s lock, so a failed, cancelled or killed prediction never leaves a mix of runs.
+    """
     events = events or EventSink(quiet=True)
-    out_dir = Path(out_dir)
-    rows: List[Dict[str, Any]] = []
+    out_dir = Path(out_dir).absolute()
+    if not 1 <= mc_samples <= MAX_MC_SAMPLES:
+        raise ConfigError(f"mc_samples must be 1 to {MAX_MC_SAMPLES}, got {mc_samples}")
+    names = [output_name(case) for case in cases]
+    _check_apart(out_dir, cases)
     total = len(cases)
-    events.emit("stage", stage="prediction", iteration=0, total=total)
-    for index, case in enumerate(cases):
-        if stop is not None and stop.requested:
-            raise CancelledError(f"prediction cancelled after {index} of {total} cases")
-        image = read_image(case.image)
-        result = predictor.predict(case.name, image, mc_samples)
-        name = output_name(case)
-        label_path = out_dir / name
-        uncertainty_path = out_dir / UNCERTAINTY_FOLDER / name
-        write_image(result.label, label_path)
-        write_image(result.uncertainty, uncertainty_path)
-        rows.append(
-            {
-                "case": case.name,
-                "score": round(result.score, 6),
-                "foreground_voxels": result.foreground_voxels,
-                "label": str(label_path),
-                "uncertainty": str(uncertainty_path),
-                "image": str(case.image),
-            }
+    events.emit("stage", stage="validation", message=f"checking {total} image(s)")
+    for case in cases:
+        validate_image(case.image)
+    source = predictor.source
+    if source.get("iteration") is not None and source["iteration"] < (source["iterations"] or 0):
+        events.warn(
+            f"{source['file']}: the checkpoint of an unfinished training (iteration "
+            f"{source['iteration']} of {source['iterations']}); its run folder has no model.pt"
         )
-        events.progress("prediction", index + 1, total, message=case.name)
-    rows.sort(key=lambda r: -r["score"])
+    rows: List[Dict[str, Any]] = []
+    with FolderLock(out_dir):
+        check_replaceable(out_dir)
+        with StagedFolder(out_dir) as staged:
+            listed = [
+                {"case": c.name, "label": n, "uncertainty": f"{UNCERTAINTY_FOLDER}/{n}"}
+                for c, n in zip(cases, names)
+            ]
+            write_manifest(staged.staging, source, listed, PARTIAL)
+            events.emit("stage", stage="prediction", iteration=0, total=total)
+            for index, (case, name) in enumerate(zip(cases, names)):
+                if stop is not None and stop.requested:
+                    raise CancelledError(f"prediction cancelled after {index} of {total} cases")
+                result = predictor.predict(case.name, read_image(case.image), mc_samples)
+                write_image(result.label, staged.staging / name)
+                write_image(result.uncertainty, staged.staging / UNCERTAINTY_FOLDER / name)
+                rows.append(
+                    {
+                        "case": case.name,
+                        "score": round(result.score, 6),
+                        "foreground_voxels": result.foreground_voxels,
+                        "label": str(out_dir / name),
+                        "uncertainty": str(out_dir / UNCERTAINTY_FOLDER / name),
+                        "image": str(case.image),
+                    }
+                )
+                events.progress("prediction", index + 1, total, message=case.name)
+            rows.sort(key=lambda r: -r["score"])
+            write_scores(rows, staged.staging / SCORES_NAME)
+            write_manifest(staged.staging, source, listed, COMPLETE, [SCORES_NAME])
+            staged.commit()
     scores_path = out_dir / SCORES_NAME
-    write_scores(rows, scores_path)
     events.emit(
         "output",
         stage="prediction",
@@ -248,12 +301,25 @@ def predict_cases(
     return rows
 
 
+def _check_apart(out_dir: Path, cases: Sequence[Case]) -> None:
+    """Refuse an output folder that is, or holds, one of the inputs: replacing it would
+    destroy the input."""
+    out = out_dir.resolve()
+    for case in cases:
+        image = Path(case.image).resolve()
+        if image == out or out in image.parents:
+            raise DataError(
+                out_dir,
+                f"the output folder is or holds the input {case.image}; predictions would "
+                "replace it; choose another output folder",
+            )
+
+
 def write_scores(rows: List[Dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     fields = ["case", "score", "foreground_voxels", "label", "uncertainty", "image"]
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text.getvalue())

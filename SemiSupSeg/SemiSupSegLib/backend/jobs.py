@@ -51,7 +51,8 @@ def run_job(
 
     output = Path(job.output)
     run_dir = output / RUN_FOLDER
-    train(dataset, config, run_dir, events, stop, resume=resume, init_from=job.init_from)
+    budget = config.iterations if "iterations" in job.settings else None
+    train(dataset, config, run_dir, events, stop, resume, job.init_from, new_budget=budget)
     outputs = {"model": str(run_dir / "model.pt"), "run": str(run_dir)}
     if job.predict_unlabeled and dataset.unlabeled:
         predictor = Predictor.from_run(run_dir, device=config.device)

@@ -30,8 +30,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -46,7 +44,9 @@ from monai.metrics import (
     compute_iou,
 )
 
+from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.errors import DataError
+from SemiSupSegLib.backend.prediction_manifest import check_complete
 from SemiSupSegLib.protocol import IMAGE_SUFFIXES, case_name_from_path
 
 PENALTY_CONVENTION = (
@@ -179,13 +179,15 @@ def evaluate_folders(
     ``classes`` maps foreground label values to names; by default the manifest's ``labels``,
     else the non-zero values found in the files. Every foreground value in the files must be
     one of the classes. Raises DataError naming the file for an unreadable file, a prediction
-    without truth, a geometry mismatch, or when no case matches. Returns the summary.
+    without truth, a geometry mismatch, when no case matches, or for a folder whose
+    ``predictions.json`` says it is partial or mixed. Returns the summary.
     """
     prediction_dir = Path(prediction_dir)
     truth = Path(truth)
     out_dir = Path(out_dir)
     if not prediction_dir.is_dir():
         raise DataError(prediction_dir, "the prediction folder does not exist")
+    check_complete(prediction_dir)  # a partial or mixed folder of ours would mislead
     predictions = _image_files(prediction_dir)
     truths, manifest_classes = _truth_files(truth)
     if not predictions:
@@ -245,8 +247,10 @@ def evaluate_folders(
     rows = _rows(per_case, class_names)
     summary = _summary(per_case, class_names, prediction_dir, truth, len(truths))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "metrics.csv", _csv_text(rows))
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / "metrics.csv", _csv_text(rows))
+    write_text_atomic(
+        out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    )
     return summary
 
 
@@ -470,16 +474,3 @@ def _summary(
         "truth": str(truth),
         "cases": cases,
     }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    handle, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

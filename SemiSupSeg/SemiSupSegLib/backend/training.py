@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -12,6 +14,7 @@ import torch
 from monai.utils import set_determinism
 
 from SemiSupSegLib.backend import distributed
+from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.checkpoint import (
     CHECKPOINT_NAME,
@@ -27,6 +30,7 @@ from SemiSupSegLib.backend.datasets import Dataset
 from SemiSupSegLib.backend.device import describe_device, select_device
 from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink, RateEstimator
+from SemiSupSegLib.backend.folder_lock import holds_folder
 from SemiSupSegLib.backend.methods import Method, create_method
 from SemiSupSegLib.backend.networks import network_divisor
 
@@ -52,6 +56,7 @@ def adjust_patch_size(config: TrainConfig, events: EventSink) -> TrainConfig:
     return config
 
 
+@holds_folder("run_dir", when=lambda: distributed.launched().is_main)
 def train(
     dataset: Dataset,
     config: TrainConfig,
@@ -60,12 +65,19 @@ def train(
     stop: Optional[StopFlag] = None,
     resume: bool = False,
     init_from: Optional[str | Path] = None,
+    new_budget: Optional[int] = None,
 ) -> TrainResult:
     """Train ``config.method`` on ``dataset`` into ``run_dir``.
 
     Writes ``checkpoint.pt`` (resumable) every ``checkpoint_every`` iterations and at the end,
     and ``model.pt`` (what ``predict`` loads). Raises CancelledError after saving a checkpoint
-    when ``stop`` is set (SIGINT/SIGTERM).
+    when ``stop`` is set (SIGINT/SIGTERM), and ConfigError when the loss stops being finite.
+
+    ``run_dir`` is locked for the call (``folder_lock``): a second training into it is refused.
+    A new training removes the previous run's model and checkpoint before it writes anything,
+    so the folder never holds one run's model beside another's settings. ``resume`` continues
+    the stored run with its settings, its random streams and its iteration budget, or
+    ``new_budget`` iterations when given: the result equals an uninterrupted run's.
 
     Under ``torchrun`` every rank runs this function (module ``distributed``): the networks
     trained by gradient are DistributedDataParallel replicas, each rank draws its own patches
@@ -88,10 +100,15 @@ def train(
                 f"--resume: {checkpoint_path} was trained with method {stored.method!r}, "
                 f"not {config.method!r}"
             )
-        config = stored.with_setting("iterations", config.iterations or stored.iterations)
+        config = stored.with_setting("iterations", new_budget or stored.iterations)
         dataset_classes = {int(k): v for k, v in state["classes"].items()}
         if dataset_classes != dataset.classes:
             raise ConfigError(f"--resume: the classes differ from {checkpoint_path}'s")
+    elif init_from is not None and _inside(Path(init_from), run_dir):
+        raise ConfigError(
+            f"--init-from {init_from} is inside the run folder {run_dir}, which a new training "
+            "replaces; copy that model elsewhere or choose another --out"
+        )
     config = adjust_patch_size(config.validate(), events)
 
     device = select_device(config.device)
@@ -135,11 +152,14 @@ def _train(
     start = 0
     labeled_weights = None
     average = WeightAverage(method.deploy_network(), config.weight_average)
+    run_id = uuid.uuid4().hex
     if state is not None:
         method.load_state_dict(state["method_state"])
         average.load_state_dict(state.get("weight_average"))
         restore_rng_state(state["rng"])
         start = int(state["iteration"])
+        run_id = state.get("run_id") or run_id
+        labeled_weights = state.get("labeled_weights")
         events.log(f"resuming {checkpoint_path} at iteration {start} of {config.iterations}")
     elif init_from is not None:
         previous = load_checkpoint(init_from)
@@ -179,6 +199,7 @@ def _train(
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_previous_outputs(run_dir, keep_checkpoint=state is not None)
         _write_run_files(run_dir, config, dataset)
     events.emit(
         "start",
@@ -197,12 +218,17 @@ def _train(
         total=config.iterations,
     )
 
+    # A resumed run continues its patch streams where they stood (rank 0's are stored); the
+    # others, and those of checkpoints without that record, restart from a seed of their own.
+    stream_state = state.get("data_stream") if state is not None and main else None
+    restarted = state is not None and stream_state is None
     source = BatchSource(
         dataset.labeled,
         distributed.shard(dataset.unlabeled, world) if method.uses_unlabeled else [],
         config,
-        seed=distributed.rank_seed(config.seed * 1000 + start, world),
+        seed=distributed.rank_seed(config.seed * 1000 + (start if restarted else 0), world),
         labeled_weights=labeled_weights,
+        state=stream_state,
     )
 
     def payload(iteration: int) -> Dict[str, Any]:
@@ -216,6 +242,9 @@ def _train(
             "labeled_cases": [c.name for c in dataset.labeled],
             "rng": rng_state(),
             "weight_average": average.state_dict(),
+            "data_stream": source.state_dict(),
+            "labeled_weights": labeled_weights,
+            "run_id": run_id,
         }
 
     rate = RateEstimator()
@@ -250,6 +279,7 @@ def _train(
             result = method.train_step(labeled, unlabeled, iteration)
             average.update()
             losses = result.losses
+            _check_finite(losses, iteration, config)
             rate.step()
             done = iteration + 1
             if done % config.log_every == 0 or done == config.iterations:
@@ -288,6 +318,7 @@ def _train(
                     "model",
                     "preprocessing",
                     "labeled_cases",
+                    "run_id",
                 )
             },
         )
@@ -460,8 +491,35 @@ def _preprocessing(config: TrainConfig) -> Dict[str, Any]:
     }
 
 
+def _check_finite(losses: Dict[str, float], iteration: int, config: TrainConfig) -> None:
+    """Stop a training whose loss is no longer a finite number: it cannot recover, and its
+    weights (NaN) would predict nothing."""
+    bad = {k: v for k, v in losses.items() if v is not None and not math.isfinite(v)}
+    if distributed.any_rank(bool(bad)):
+        named = ", ".join(f"{k} {v}" for k, v in bad.items()) or "on another process"
+        raise ConfigError(
+            f"training diverged at iteration {iteration + 1}: the loss is not finite ({named}); "
+            f"no model was written. Lower learning_rate (now {config.learning_rate:g}) or "
+            "check the images and labels"
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _remove_previous_outputs(run_dir: Path, keep_checkpoint: bool) -> None:
+    """Remove a previous run's model (and, unless resuming, its checkpoint) before this run
+    writes its settings: the folder then holds one run or, until it ends, no model."""
+    names = [MODEL_NAME] if keep_checkpoint else [MODEL_NAME, CHECKPOINT_NAME]
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def _write_run_files(run_dir: Path, config: TrainConfig, dataset: Dataset) -> None:
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+    write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
     cases = {
         "classes": {str(k): v for k, v in dataset.classes.items()},
         "labeled": [
@@ -469,4 +527,4 @@ def _write_run_files(run_dir: Path, config: TrainConfig, dataset: Dataset) -> No
         ],
         "unlabeled": [{"name": c.name, "image": str(c.image)} for c in dataset.unlabeled],
     }
-    (run_dir / "cases.json").write_text(json.dumps(cases, indent=2), encoding="utf-8")
+    write_text_atomic(run_dir / "cases.json", json.dumps(cases, indent=2))

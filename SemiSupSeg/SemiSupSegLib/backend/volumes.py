@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from SemiSupSegLib.backend.atomic_files import TEMPORARY_MARK, temporary_name
 from SemiSupSegLib.backend.errors import DataError
 
 PathLike = Union[str, Path]
@@ -220,10 +221,8 @@ def write_image(image: sitk.Image, path: PathLike) -> None:
     if suffix in _DETACHED_SUFFIXES:
         _write_detached(image, path, compress)
         return
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.name[: -len(suffix)]}.", suffix=suffix, dir=path.parent
-    )
-    os.close(handle)
+    # Not mkstemp: its files are private (mode 0600); this one gets the umask's permissions.
+    temporary = str(path.with_name(temporary_name(path.name[: -len(suffix)], suffix)))
     try:
         sitk.WriteImage(image, temporary, compress)
         os.replace(temporary, path)
@@ -236,7 +235,9 @@ def write_image(image: sitk.Image, path: PathLike) -> None:
 
 
 def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
+    with tempfile.TemporaryDirectory(
+        prefix=f".{path.name}.", suffix=TEMPORARY_MARK, dir=path.parent
+    ) as folder:
         staged = Path(folder) / path.name
         try:
             sitk.WriteImage(image, str(staged), compress)

@@ -1,0 +1,85 @@
+"""Resume continues the stored run exactly: its budget, its weights and its random streams, so a
+run stopped and resumed ends with the very weights of one that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backend_helpers import TINY_SETTINGS, run_cli, tiny_set_arguments, write_tiny_dataset
+from SemiSupSegLib.backend.cancellation import StopFlag
+from SemiSupSegLib.backend.checkpoint import load_checkpoint
+from SemiSupSegLib.backend.config import TrainConfig
+from SemiSupSegLib.backend.datasets import from_folders, infer_classes
+from SemiSupSegLib.backend.errors import CancelledError
+from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.backend.training import train
+
+
+class StopAt(EventSink):
+    """Asks ``stop`` to stop once iteration ``at`` is done (as SIGINT would)."""
+
+    def __init__(self, stop: StopFlag, at: int) -> None:
+        super().__init__(quiet=True)
+        self.stop, self.at = stop, at
+
+    def progress(self, stage, iteration, total, **fields):
+        super().progress(stage, iteration, total, **fields)
+        if iteration == self.at:
+            self.stop.request("test")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    images, labels = write_tiny_dataset(tmp_path / "data")
+    data = from_folders(images, labels)
+    data.classes = infer_classes(data)  # as the command line names them
+    data.unlabeled, data.labeled = data.labeled[2:], data.labeled[:2]
+    return data
+
+
+def _stopped(dataset, config, run, at):
+    stop = StopFlag()
+    with pytest.raises(CancelledError):
+        train(dataset, config, run, StopAt(stop, at), stop)
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == at
+
+
+@pytest.mark.parametrize("method", ["supervised", "mn"])
+def test_a_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path, method):
+    settings = {**TINY_SETTINGS, "method": method, "iterations": 6, "seed": 7}
+    if method == "mn":
+        settings["batch_size"] = 2
+        settings["method_options"] = {"train_slices": 4, "warmup_stage_fraction": 0.3}
+    config = TrainConfig.from_dict(settings)
+    train(dataset, config, tmp_path / "whole")
+    _stopped(dataset, config, tmp_path / "parts", at=4)
+    train(dataset, config, tmp_path / "parts", resume=True)
+    whole = load_checkpoint(tmp_path / "whole" / "model.pt")["model"]["state_dict"]
+    parts = load_checkpoint(tmp_path / "parts" / "model.pt")["model"]["state_dict"]
+    assert whole.keys() == parts.keys()
+    different = [k for k in whole if not torch.equal(whole[k], parts[k])]
+    assert not different, different
+
+
+def test_resume_keeps_the_stored_budget(dataset, tmp_path):
+    """``train --resume`` without --iterations finishes the run's own budget (not the
+    default 1500); with --iterations it takes the new one."""
+    config = TrainConfig.from_dict({**TINY_SETTINGS, "method": "supervised", "iterations": 5})
+    run = tmp_path / "run"
+    _stopped(dataset, config, run, at=2)
+    data = tmp_path / "data"
+    arguments = ["train", "--images", data / "images", "--labels", data / "labels",
+                 "--method", "supervised", "--device", "cpu", "--out", run, "--resume",
+                 *tiny_set_arguments()]  # fmt: skip
+    code, events = run_cli(arguments, tmp_path / "events.jsonl")
+    assert code == 0, events[-1]["message"]
+    assert next(e for e in events if e["event"] == "start")["total"] == 5
+    assert load_checkpoint(run / "model.pt")["iteration"] == 5
+    assert json.loads((run / "config.json").read_text())["iterations"] == 5
+
+    code, events = run_cli(arguments + ["--iterations", 7], tmp_path / "events.jsonl")
+    assert code == 0, events[-1]["message"]
+    assert load_checkpoint(run / "model.pt")["iteration"] == 7
