@@ -14,7 +14,11 @@ from SemiSupSegLib.protocol import (
     EXIT_OK,
     METHODS,
     ProtocolError,
+    shorten,
 )
+
+#: Longest error message reported: a message may quote a value the user gave, of any length.
+MESSAGE_LIMIT = 2000
 
 if TYPE_CHECKING:
     from SemiSupSegLib.backend.distributed import World
@@ -136,10 +140,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from SemiSupSegLib.backend.events import EventSink
 
     world = launched()
-    if world.is_main:
-        events = EventSink(getattr(args, "events", None), quiet=getattr(args, "quiet", False))
-    else:  # torchrun: rank 0 reports; the others write nothing and print only their errors
-        events = EventSink(quiet=True)
+    debug = getattr(args, "debug", False)
+    try:
+        if world.is_main:
+            events = EventSink(getattr(args, "events", None), quiet=getattr(args, "quiet", False))
+        else:  # torchrun: rank 0 reports; the others write nothing and print only their errors
+            events = EventSink(quiet=True)
+    except OSError as err:
+        print(f"error: cannot write the events file: {_os_error(err)}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         if world.enabled and args.command != "train":
             raise ConfigError(
@@ -159,21 +168,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not any(e["event"] == "cancelled" for e in events.history):
             events.emit("cancelled", stage=args.command, message=str(err))
         return EXIT_CANCELLED
-    except (DataError, ConfigError, ProtocolError, FileNotFoundError) as err:
-        events.emit("error", stage=args.command, message=str(err), errors=[str(err)])
-        _rank_error(world, str(err))
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        return EXIT_FAILED
+    except (DataError, ConfigError, ProtocolError, OSError, RecursionError) as err:
+        if isinstance(err, OSError):
+            message = _os_error(err)
+        elif isinstance(err, RecursionError):
+            message = "input nested too deeply (e.g. a setting holding lists within lists)"
+        else:
+            message = str(err)
+        return _failed(events, world, args.command, shorten(message, MESSAGE_LIMIT), debug)
     except Exception as err:  # noqa: BLE001 - report every failure to the GUI, then exit non-zero
-        message = f"{type(err).__name__}: {err}"
-        events.emit("error", stage=args.command, message=message, errors=[traceback.format_exc()])
-        _rank_error(world, message)
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        return EXIT_FAILED
+        message = shorten(f"{type(err).__name__}: {err}", MESSAGE_LIMIT)
+        return _failed(events, world, args.command, message, debug)
     finally:
         events.close()
+
+
+def _failed(events, world: World, command: str, message: str, debug: bool) -> int:
+    """Report an error as one event (the traceback only with ``--debug``); the exit code."""
+    details = [shorten(traceback.format_exc(), 20 * MESSAGE_LIMIT)] if debug else [message]
+    events.emit("error", stage=command, message=message, errors=details)
+    _rank_error(world, message)
+    if debug:
+        traceback.print_exc()
+    return EXIT_FAILED
+
+
+def _os_error(err: OSError) -> str:
+    """An operating system error in words, naming its file: "PATH: Permission denied"."""
+    reason = err.strerror or str(err)
+    files = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {reason}" if files else reason
 
 
 def _rank_error(world: World, message: str) -> None:

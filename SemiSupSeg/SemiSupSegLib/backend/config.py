@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from SemiSupSegLib.backend.errors import ConfigError
+from SemiSupSegLib.protocol import shorten
+
+#: The largest patch side, in voxels: beyond it a batch no longer fits in any memory.
+MAX_PATCH_SIZE = 512
 
 
 @dataclass
@@ -69,30 +74,56 @@ class TrainConfig:
             target = {"method": "method_options", "network": "network_options"}.get(group)
             if target is None:
                 raise ConfigError(
-                    f"setting {key!r}: unknown group {group!r} (use method.* or network.*)"
+                    f"setting {shorten(repr(key))}: unknown group {shorten(repr(group))} "
+                    "(use method.* or network.*)"
                 )
             options = dict(getattr(self, target))
             options[name] = value
             return dataclasses.replace(self, **{target: options})
         fields = {f.name: f for f in dataclasses.fields(self)}
         if key not in fields:
-            raise ConfigError(f"unknown setting {key!r}; known settings: {sorted(fields)}")
+            raise ConfigError(
+                f"unknown setting {shorten(repr(key))}; known settings: {sorted(fields)}"
+            )
         current = getattr(self, key)
         try:
             value = _coerce(value, current)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"setting {key!r}: {value!r} is not valid ({err})") from None
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ConfigError(
+                f"setting {key!r}: {shorten(repr(value))} is not valid ({shorten(str(err))})"
+            ) from None
         return dataclasses.replace(self, **{key: value})
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError for values that cannot work; return self for chaining."""
+        for name in ("learning_rate", "weight_decay"):  # the range checks below let NaN pass
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.iterations < 1:
             raise ConfigError(f"iterations must be at least 1, got {self.iterations}")
+        for name in ("log_every", "feature_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("seed", "checkpoint_every", "cache_volumes", "num_workers", "prefetch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.seed >= 2**32 // 1000:  # seeds up to 1000 * seed + iteration must fit 32 bits
+            raise ConfigError(f"seed must be below {2**32 // 1000}, got {self.seed}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be 0 or more, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if len(self.patch_size) != 3 or min(self.patch_size) < 8:
+        if (
+            len(self.patch_size) != 3
+            or min(self.patch_size) < 8
+            or max(self.patch_size) > MAX_PATCH_SIZE
+            or any(not float(v).is_integer() for v in self.patch_size)
+        ):
             raise ConfigError(
-                f"patch_size must be three sizes of at least 8, got {self.patch_size}"
+                f"patch_size must be three whole sizes from 8 to {MAX_PATCH_SIZE}, "
+                f"got {shorten(str(self.patch_size))}"
             )
         if not 0.0 <= self.foreground_ratio <= 1.0:
             raise ConfigError(f"foreground_ratio must be in [0, 1], got {self.foreground_ratio}")
@@ -108,13 +139,27 @@ class TrainConfig:
             )
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.modality not in ("MR", "CT", "other"):
-            raise ConfigError(f"modality must be MR, CT or other, got {self.modality!r}")
-        if self.target_spacing is not None and (
-            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
+        if (
+            len(self.ct_window) != 2
+            or not -math.inf < self.ct_window[0] < self.ct_window[1] < math.inf
         ):
             raise ConfigError(
-                f"target_spacing must be three positive sizes, got {self.target_spacing}"
+                f"ct_window must be two finite values low, high; got {shorten(str(self.ct_window))}"
+            )
+        if not set(self.flip_axes) <= {0, 1, 2}:
+            raise ConfigError(
+                f"flip_axes must be among 0, 1, 2 (x, y, z), got {shorten(str(self.flip_axes))}"
+            )
+        if self.modality not in ("MR", "CT", "other"):
+            raise ConfigError(
+                f"modality must be MR, CT or other, got {shorten(repr(self.modality))}"
+            )
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or not all(0 < v < math.inf for v in self.target_spacing)
+        ):
+            raise ConfigError(
+                f"target_spacing must be three positive finite sizes in mm, "
+                f"got {shorten(str(self.target_spacing))}"
             )
         return self
 
@@ -122,7 +167,7 @@ class TrainConfig:
 def parse_setting(text: str) -> Tuple[str, Any]:
     """Parse ``name=value`` from the command line; the value is JSON when it parses as JSON."""
     if "=" not in text:
-        raise ConfigError(f"--set expects name=value, got {text!r}")
+        raise ConfigError(f"--set expects name=value, got {shorten(repr(text))}")
     key, raw = text.split("=", 1)
     try:
         value = json.loads(raw)
@@ -133,6 +178,8 @@ def parse_setting(text: str) -> Tuple[str, Any]:
 
 def _coerce(value: Any, current: Any) -> Any:
     """Convert ``value`` to the type of the current setting (JSON gives lists for tuples)."""
+    if isinstance(value, bool) and not isinstance(current, bool):
+        raise ValueError("expected a number, not true or false")
     if isinstance(current, bool):
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):

@@ -14,10 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
 
-import SimpleITK as sitk
-
 from SemiSupSegLib.backend.errors import DataError
-from SemiSupSegLib.backend.volumes import read_image
 from SemiSupSegLib.protocol import IMAGE_SUFFIXES, case_name_from_path
 
 PathLike = Union[str, Path]
@@ -350,18 +347,29 @@ def _strip_channel(name: str) -> str:
 def infer_classes(dataset: Dataset) -> Dict[int, str]:
     """Classes 0..N named "background", "class_1", ... with N the largest value in any label.
 
-    Reads every label map, so it is as slow as validation; meant for plain folders.
+    Reads every label map, so it is as slow as validation; meant for plain folders. The values
+    found must run 0..N without gaps (nnU-Net's rule): a value beyond a gap (7 among 0..2) is a
+    DataError naming a file that holds it, since it would add empty classes.
     """
-    largest = 0
-    statistics = sitk.MinimumMaximumImageFilter()
+    from SemiSupSegLib.backend.validation import validate_label  # imports this module
+
+    found: Dict[int, Path] = {}
     for case in dataset.labeled:
         if case.label is None:
             continue
-        label = read_image(case.label)
-        if label.GetNumberOfComponentsPerPixel() != 1:
-            raise DataError(case.label, "label map has several components per voxel")
-        statistics.Execute(label)
-        largest = max(largest, int(statistics.GetMaximum()))
+        _, values = validate_label(case.label, None)
+        for value in values:
+            found.setdefault(value, case.label)
+    largest = max(found, default=0)
+    missing = sorted(set(range(largest + 1)) - set(found) - {0})
+    if missing:
+        raise DataError(
+            found[largest],
+            f"label value {largest} leaves a gap: no label map holds "
+            f"{', '.join(str(v) for v in missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+            "label values must run 0..N without gaps (an absent value would be trained as an "
+            "empty class): renumber the label maps",
+        )
     classes = {0: "background"}
     classes.update({value: f"class_{value}" for value in range(1, largest + 1)})
     return classes

@@ -193,6 +193,13 @@ def _check_classes(dataset: Dataset) -> None:
         raise DataError(dataset.source, "classes must include 0 (background)")
     if len(classes) < 2:
         raise DataError(dataset.source, "classes declare no foreground class (only 0)")
+    values = sorted(classes)
+    if values != list(range(len(values))):
+        raise DataError(
+            dataset.source,
+            f"the declared label values {_list(values)} are not 0..N without gaps; a missing "
+            "value would be trained as an empty class: renumber the label maps and the classes",
+        )
 
 
 def _check_unique_names(dataset: Dataset) -> None:
