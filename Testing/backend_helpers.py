@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.cli import main
+from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.protocol import parse_event
 
 #: A 3-level UNet with 8 base channels on 16-voxel patches: a training step takes milliseconds.
@@ -57,15 +59,32 @@ def run_cli(arguments: Sequence[object], events: Path) -> Tuple[int, List[dict]]
     return code, [parse_event(line) for line in lines[before:]]
 
 
+def train_arguments(folder: Path, out: Path, *extra: object) -> List[object]:
+    """``train`` of the tiny network on the tiny dataset in ``folder`` (see
+    ``write_tiny_dataset``) into ``out``, supervised, on the CPU; ``extra`` arguments last."""
+    return ["train", "--images", folder / "images", "--labels", folder / "labels",
+            "--method", "supervised", "--device", "cpu", "--out", out,
+            *tiny_set_arguments(), *extra]  # fmt: skip
+
+
 def train_tiny(folder: Path, run: Path, iterations: int = 2, *extra: object) -> None:
     """Train the tiny network on the tiny dataset into ``run`` through the command line."""
-    images, labels = folder / "images", folder / "labels"
-    if not images.is_dir():
-        images, labels = write_tiny_dataset(folder)
-    code, events = run_cli(
-        ["train", "--images", images, "--labels", labels, "--method", "supervised",
-         "--iterations", iterations, "--device", "cpu", "--out", run, *tiny_set_arguments(),
-         *extra],
-        folder / "train-events.jsonl",
-    )  # fmt: skip
+    if not (folder / "images").is_dir():
+        write_tiny_dataset(folder)
+    arguments = train_arguments(folder, run, "--iterations", iterations, *extra)
+    code, events = run_cli(arguments, folder / "train-events.jsonl")
     assert code == 0, events[-1]["message"]
+
+
+class StopAt(EventSink):
+    """An event sink that asks ``stop`` to stop (as SIGINT would) once progress reaches
+    ``at`` (None: the first progress), so that a test can cancel at a chosen iteration."""
+
+    def __init__(self, stop: StopFlag, at: Optional[int] = None) -> None:
+        super().__init__(quiet=True)
+        self.stop, self.at = stop, at
+
+    def progress(self, stage: str, iteration: int, total: int, **fields: object) -> None:
+        super().progress(stage, iteration, total, **fields)
+        if self.at is None or iteration == self.at:
+            self.stop.request("test")

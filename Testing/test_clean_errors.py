@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from backend_helpers import run_cli, tiny_set_arguments, write_tiny_dataset
+from backend_helpers import run_cli, tiny_set_arguments, train_arguments, write_tiny_dataset
 from SemiSupSegLib.backend import cli
 from SemiSupSegLib.protocol import EXIT_FAILED
 
@@ -22,9 +22,7 @@ def data(tmp_path):
 
 
 def _train(data: Path, *extra, out=None):
-    arguments = ["train", "--images", data / "images", "--labels", data / "labels",
-                 "--method", "supervised", "--iterations", 2, "--device", "cpu",
-                 "--out", out or data / "run", *tiny_set_arguments(), *extra]  # fmt: skip
+    arguments = train_arguments(data, out or data / "run", "--iterations", 2, *extra)
     return run_cli(arguments, data / "events.jsonl")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend_helpers import run_cli, tiny_set_arguments, train_tiny, write_tiny_dataset
+from backend_helpers import run_cli, train_arguments, train_tiny, write_tiny_dataset
 from SemiSupSegLib.backend.checkpoint import (
     library_versions,
     load_checkpoint,
@@ -69,23 +69,15 @@ def test_predict_refuses_a_crafted_model(data):
 def test_train_init_from_refuses_a_crafted_model(data):
     marker = data / "ran"
     crafted = _craft(data / "shared" / "model.pt", marker)
-    code, events = run_cli(
-        ["train", "--images", data / "images", "--labels", data / "labels", "--method",
-         "supervised", "--iterations", 1, "--out", data / "run", "--init-from", crafted,
-         *tiny_set_arguments()],
-        data / "events.jsonl",
-    )  # fmt: skip
+    arguments = train_arguments(data, data / "run", "--iterations", 1, "--init-from", crafted)
+    code, events = run_cli(arguments, data / "events.jsonl")
     _assert_refused(code, events, crafted, marker)
 
 
 def test_train_resume_refuses_a_crafted_checkpoint(data):
     marker = data / "ran"
     crafted = _craft(data / "run" / "checkpoint.pt", marker)
-    code, events = run_cli(
-        ["train", "--images", data / "images", "--labels", data / "labels", "--method",
-         "supervised", "--out", data / "run", "--resume", *tiny_set_arguments()],
-        data / "events.jsonl",
-    )  # fmt: skip
+    code, events = run_cli(train_arguments(data, data / "run", "--resume"), data / "events.jsonl")
     _assert_refused(code, events, crafted, marker)
 
 

@@ -14,12 +14,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from backend_helpers import run_cli, train_tiny
+from backend_helpers import StopAt, run_cli, train_tiny
 from SemiSupSegLib.backend.checkpoint import load_checkpoint, save_checkpoint
 from SemiSupSegLib.backend.cli import main
 from SemiSupSegLib.backend.datasets import Case
 from SemiSupSegLib.backend.errors import CancelledError, DataError
-from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.inference import Predictor, predict_cases
 from SemiSupSegLib.backend.metrics import evaluate_folders
 from SemiSupSegLib.protocol import EXIT_FAILED, JobSpec, ProtocolError
@@ -145,16 +144,6 @@ def test_evaluate_refuses_a_partial_or_mixed_folder(trained, images, tmp_path):
     assert main(arguments) == EXIT_FAILED
 
 
-class _StopAfterFirstCase(EventSink):
-    def __init__(self, stop) -> None:
-        super().__init__(quiet=True)
-        self.stop = stop
-
-    def progress(self, stage, iteration, total, **fields):
-        super().progress(stage, iteration, total, **fields)
-        self.stop.request("test")
-
-
 def test_a_cancelled_prediction_leaves_the_previous_folder(trained, images, tmp_path):
     from SemiSupSegLib.backend.cancellation import StopFlag
 
@@ -168,7 +157,7 @@ def test_a_cancelled_prediction_leaves_the_previous_folder(trained, images, tmp_
     cases = [Case(p.name.split(".")[0], p) for p in sorted(images.iterdir())]
     stop = StopFlag()
     with pytest.raises(CancelledError):
-        predict_cases(predictor, cases, out, 1, _StopAfterFirstCase(stop), stop)
+        predict_cases(predictor, cases, out, 1, StopAt(stop), stop)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "pred", "predict-events.jsonl"]
 

@@ -8,27 +8,13 @@ import json
 import pytest
 import torch
 
-from backend_helpers import TINY_SETTINGS, run_cli, tiny_set_arguments, write_tiny_dataset
+from backend_helpers import TINY_SETTINGS, StopAt, run_cli, train_arguments, write_tiny_dataset
 from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.checkpoint import load_checkpoint
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import from_folders, infer_classes
 from SemiSupSegLib.backend.errors import CancelledError
-from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.training import train
-
-
-class StopAt(EventSink):
-    """Asks ``stop`` to stop once iteration ``at`` is done (as SIGINT would)."""
-
-    def __init__(self, stop: StopFlag, at: int) -> None:
-        super().__init__(quiet=True)
-        self.stop, self.at = stop, at
-
-    def progress(self, stage, iteration, total, **fields):
-        super().progress(stage, iteration, total, **fields)
-        if iteration == self.at:
-            self.stop.request("test")
 
 
 @pytest.fixture
@@ -71,9 +57,7 @@ def test_resume_keeps_the_stored_budget(dataset, tmp_path):
     run = tmp_path / "run"
     _stopped(dataset, config, run, at=2)
     data = tmp_path / "data"
-    arguments = ["train", "--images", data / "images", "--labels", data / "labels",
-                 "--method", "supervised", "--device", "cpu", "--out", run, "--resume",
-                 *tiny_set_arguments()]  # fmt: skip
+    arguments = train_arguments(data, run, "--resume")
     code, events = run_cli(arguments, tmp_path / "events.jsonl")
     assert code == 0, events[-1]["message"]
     assert next(e for e in events if e["event"] == "start")["total"] == 5

@@ -10,13 +10,12 @@ import sys
 
 import pytest
 
-from backend_helpers import TINY_SETTINGS, run_cli, tiny_set_arguments, write_tiny_dataset
+from backend_helpers import TINY_SETTINGS, StopAt, run_cli, train_arguments, write_tiny_dataset
 from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.checkpoint import load_checkpoint
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import from_folders, infer_classes
 from SemiSupSegLib.backend.errors import CancelledError
-from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.training import train
 from SemiSupSegLib.protocol import EXIT_FAILED
 
@@ -36,10 +35,7 @@ def data(tmp_path):
 
 
 def _train(data, run, *extra):
-    arguments = ["train", "--images", data / "images", "--labels", data / "labels",
-                 "--method", "supervised", "--iterations", 2, "--device", "cpu", "--out", run,
-                 *tiny_set_arguments(), *extra]  # fmt: skip
-    return run_cli(arguments, data / "events.jsonl")
+    return run_cli(train_arguments(data, run, "--iterations", 2, *extra), data / "events.jsonl")
 
 
 def test_a_second_training_into_a_busy_run_folder_is_refused(data):
@@ -94,17 +90,6 @@ def test_config_json_does_not_follow_a_symlink(data):
     assert json.loads((run / "config.json").read_text())["iterations"] == 2
 
 
-class _StopAt(EventSink):
-    def __init__(self, stop: StopFlag, at: int) -> None:
-        super().__init__(quiet=True)
-        self.stop, self.at = stop, at
-
-    def progress(self, stage, iteration, total, **fields):
-        super().progress(stage, iteration, total, **fields)
-        if iteration == self.at:
-            self.stop.request("test")
-
-
 def test_a_new_run_never_sits_beside_the_previous_model(data):
     """A new training into a finished run's folder, stopped half way, leaves its own settings
     and checkpoint and no model: detectably partial, not one run's model beside another's
@@ -118,7 +103,7 @@ def test_a_new_run_never_sits_beside_the_previous_model(data):
     )
     stop = StopFlag()
     with pytest.raises(CancelledError):
-        train(dataset, config, run, _StopAt(stop, 1), stop)
+        train(dataset, config, run, StopAt(stop, 1), stop)
     assert not (run / "model.pt").exists()
     assert json.loads((run / "config.json").read_text())["seed"] == 2
     assert load_checkpoint(run / "checkpoint.pt")["config"]["seed"] == 2

@@ -6,7 +6,9 @@ On small real MSD Hippocampus cases, with few iterations and one CPU thread:
 
 - train: one run folder, trained again and again with alternating seeds and budgets (a
   detectably partial folder is resumed every other time), each process killed with SIGKILL
-  at a random moment between its start and the end an uninterrupted run would reach. After
+  at a random moment of its work: once its first event shows the imports are done, after a
+  delay drawn uniformly up to 1.05 times what an uninterrupted run spends from there (so the
+  moments do not depend on how long the imports take on a busy machine). After
   each kill the folder is classified: complete (``model.pt`` loads, has finished its budget,
   matches ``config.json`` and the checkpoint beside it), partial (no ``model.pt``; whatever
   checkpoint is there loads and matches ``config.json``) or MIXED (anything else).
@@ -71,11 +73,8 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "SemiSupSeg")}
     images, labels, inputs = _data(args.data, work)
 
-    startup = _run([sys.executable, "-c", "import SemiSupSegLib.backend.training"], env)
-    train_rows = _train_trials(images, labels, work / "train", args.kills, rng, env, startup)
-    predict_rows = _predict_trials(
-        images, labels, inputs, work / "predict", args.kills, rng, env, startup
-    )
+    train_rows = _train_trials(images, labels, work / "train", args.kills, rng, env)
+    predict_rows = _predict_trials(images, labels, inputs, work / "predict", args.kills, rng, env)
     mixed = [r for r in train_rows + predict_rows if r["state"] == "MIXED"]
     print(_report(train_rows, predict_rows, args))
     (work / "results.json").write_text(json.dumps(train_rows + predict_rows, indent=2))
@@ -106,22 +105,39 @@ def _link(source: Path, link: Path) -> None:
 
 
 def _run(command: List[str], env: Dict[str, str]) -> float:
-    """Run to the end; its duration in seconds."""
-    started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    """Run to the end; the seconds it spent after its first event (its work)."""
+    with tempfile.TemporaryDirectory() as folder:
+        events = Path(folder) / "events.jsonl"
+        process = subprocess.Popen(
+            command + ["--events", str(events)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        started = _first_event(process, events)
+        _, errors = process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{errors[-3000:]}")
     return time.perf_counter() - started
 
 
-def _killed(command: List[str], env: Dict[str, str], after: float) -> Tuple[bool, int]:
-    """Start ``command`` and SIGKILL it ``after`` seconds later, unless it ended first;
-    (whether it was killed, its exit code)."""
+def _first_event(process: subprocess.Popen, events: Path) -> float:
+    """Wait until ``process`` writes its first event (or ends); the time it did."""
+    while process.poll() is None and not (events.exists() and events.stat().st_size):
+        time.sleep(0.05)
+    return time.perf_counter()
+
+
+def _killed(command: List[str], env: Dict[str, str], after: float, events: Path) -> tuple:
+    """Start ``command`` and SIGKILL it ``after`` seconds after its first event, unless it
+    ended first; (whether it was killed, its exit code)."""
+    events.unlink(missing_ok=True)
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command + ["--events", str(events)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    started = _first_event(process, events)
     try:
-        code = process.wait(timeout=after)
+        code = process.wait(timeout=max(0.0, started + after - time.perf_counter()))
         return False, code
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGKILL)
@@ -141,36 +157,29 @@ def _train_command(
                   str(run), "--quiet", *TRAIN_SETTINGS]  # fmt: skip
 
 
-def _kill_moment(rng: random.Random, startup: float, duration: float) -> float:
-    """A moment between the end of the imports (most of a short run, where nothing is
-    written yet) and a little after an uninterrupted run would end."""
-    return rng.uniform(0.8 * startup, 1.05 * duration)
-
-
-def _train_trials(images, labels, folder, kills, rng, env, startup) -> List[dict]:
+def _train_trials(images, labels, folder, kills, rng, env) -> List[dict]:
     run = folder / "run"
     duration = _run(_train_command(images, labels, folder / "timing", 0, 12), env)
     rows = []
     for trial in range(kills):
         resume = trial % 2 == 1 and _train_state(run)[0] == "partial" and _has_checkpoint(run)
         command = _train_command(images, labels, run, trial % 3, (8, 12)[trial % 2], resume)
-        after = _kill_moment(rng, startup, duration)
-        killed, code = _killed(command, env, after)
-        state, detail = _train_state(run)
-        rows.append(
-            {"command": "train" + (" --resume" if resume else ""), "trial": trial,
-             "kill_at_s": round(after, 2), "killed": killed, "exit": code, "state": state,
-             "detail": detail, "leftovers": _leftovers(run)}
-        )  # fmt: skip
-        print(f"train   {trial:2d}: kill at {after:5.1f} s -> {state} ({detail})", flush=True)
+        after = rng.uniform(0.0, 1.05 * duration)
+        killed, code = _killed(command, env, after, folder / "events.jsonl")
+        label = "train --resume" if resume else "train"
+        rows.append(_row(label, trial, after, killed, code, *_train_state(run), run))
     _run(_train_command(images, labels, run, 0, 8), env)
-    state, detail = _train_state(run)
-    rows.append(
-        {"command": "train (final, not killed)", "trial": kills, "kill_at_s": None,
-         "killed": False, "exit": 0, "state": state, "detail": detail,
-         "leftovers": _leftovers(run)}
-    )  # fmt: skip
+    rows.append(_row("train (final, not killed)", kills, None, False, 0, *_train_state(run), run))
     return rows
+
+
+def _row(command, trial, after, killed, code, state, detail, folder) -> dict:
+    """One trial's result, also printed."""
+    if after is not None:
+        print(f"{command:14s} {trial:2d}: kill {after:5.1f} s in -> {state} ({detail})", flush=True)
+    return {"command": command, "trial": trial, "kill_after_s": None if after is None else
+            round(after, 2), "killed": killed, "exit": code, "state": state, "detail": detail,
+            "leftovers": _leftovers(folder)}  # fmt: skip
 
 
 def _has_checkpoint(run: Path) -> bool:
@@ -228,7 +237,7 @@ def _predict_command(model: Path, inputs: List[Path], out: Path) -> list:
                   str(out), "--device", "cpu", "--quiet"]  # fmt: skip
 
 
-def _predict_trials(images, labels, inputs, folder, kills, rng, env, startup) -> List[dict]:
+def _predict_trials(images, labels, inputs, folder, kills, rng, env) -> List[dict]:
     models = {}
     for name, seed in (("A", 1), ("B", 2)):
         models[name] = folder / f"model-{name}"
@@ -244,25 +253,17 @@ def _predict_trials(images, labels, inputs, folder, kills, rng, env, startup) ->
     for trial in range(kills):
         name = "AB"[trial % 2]
         cases = inputs if (trial // 2) % 2 == 0 else inputs[:3]
-        after = _kill_moment(rng, startup, duration)
-        killed, code = _killed(_predict_command(models[name], cases, out), env, after)
+        after = rng.uniform(0.0, 1.05 * duration)
+        command = _predict_command(models[name], cases, out)
+        killed, code = _killed(command, env, after, folder / "events.jsonl")
         state, detail = _predict_state(out, models, references)
         if state == "complete":
             this = f"model {name}, {len(cases)} cases,"
             detail += " (this run's)" if detail.startswith(this) else " (an earlier run's)"
-        rows.append(
-            {"command": "predict", "trial": trial, "kill_at_s": round(after, 2),
-             "killed": killed, "exit": code, "state": state, "detail": detail,
-             "leftovers": _leftovers(out)}
-        )  # fmt: skip
-        print(f"predict {trial:2d}: kill at {after:5.1f} s -> {state} ({detail})", flush=True)
+        rows.append(_row("predict", trial, after, killed, code, state, detail, out))
     _run(_predict_command(models["A"], inputs, out), env)
-    state, detail = _predict_state(out, models, references)
-    rows.append(
-        {"command": "predict (final, not killed)", "trial": kills, "kill_at_s": None,
-         "killed": False, "exit": 0, "state": state, "detail": detail,
-         "leftovers": _leftovers(out)}
-    )  # fmt: skip
+    final = _predict_state(out, models, references)
+    rows.append(_row("predict (final, not killed)", kills, None, False, 0, *final, out))
     return rows
 
 
@@ -301,13 +302,14 @@ def _report(train_rows: List[dict], predict_rows: List[dict], args: argparse.Nam
     lines = [
         f"kill -9 test: {args.kills} kills of train and of predict, seed {args.seed}, "
         f"{TRAIN_CASES} training and {PREDICT_CASES} prediction cases of {args.data.name}; "
-        "killed between the end of the imports and 1.05 x an uninterrupted run's duration",
+        "each killed at a moment drawn uniformly from its first event to 1.05 x an "
+        "uninterrupted run's time from there",
         "",
         "| command | kills (process still running) | complete | partial | absent | MIXED |",
         "|---|---|---|---|---|---|",
     ]
     for label, rows in (("train", train_rows), ("predict", predict_rows)):
-        trials = [r for r in rows if r["kill_at_s"] is not None]
+        trials = [r for r in rows if r["kill_after_s"] is not None]
         counts = {
             s: sum(r["state"] == s for r in trials) for s in ("complete", "partial", "absent")
         }
@@ -317,7 +319,7 @@ def _report(train_rows: List[dict], predict_rows: List[dict], args: argparse.Nam
             f"| {label} | {len(trials)} ({killed}) | {counts['complete']} | {counts['partial']} "
             f"| {counts['absent']} | {mixed} |"
         )
-    finals = [r for r in train_rows + predict_rows if r["kill_at_s"] is None]
+    finals = [r for r in train_rows + predict_rows if r["kill_after_s"] is None]
     lines.append("")
     for row in finals:
         lines.append(f"- {row['command']}: {row['state']} ({row['detail']}), "
