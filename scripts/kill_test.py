@@ -5,19 +5,22 @@ complete or detectably partial afterwards, never a mix of two runs.
 On small real MSD Hippocampus cases, with few iterations and one CPU thread:
 
 - train: one run folder, trained again and again with alternating seeds and budgets (a
-  detectably partial folder is resumed every other time), each process killed with SIGKILL
-  at a random moment of its work: once its first event shows the imports are done, after a
-  delay drawn uniformly up to 1.05 times what an uninterrupted run spends from there (so the
-  moments do not depend on how long the imports take on a busy machine). After
-  each kill the folder is classified: complete (``model.pt`` loads, has finished its budget,
-  matches ``config.json`` and the checkpoint beside it), partial (no ``model.pt``; whatever
-  checkpoint is there loads and matches ``config.json``) or MIXED (anything else).
-- predict: one output folder, predicted into again and again with two models (different
-  seeds) and two input sets, each process killed at a random moment. After each kill the folder
-  is absent, or complete: ``predictions.json`` says complete, lists exactly the files present,
-  and every map equals, voxel for voxel, the map an uninterrupted prediction with the model it
-  names gives. Anything else is MIXED. A killed prediction's staging folder is hidden, marked
-  partial, and removed by the next prediction into the same folder.
+  detectably partial folder is resumed every other time). After each kill the folder is
+  classified: complete (``model.pt`` loads, has finished its budget, matches ``config.json``
+  and the checkpoint beside it), partial (no ``model.pt``; whatever checkpoint is there loads
+  and matches ``config.json``) or MIXED (anything else).
+- predict: one output folder, complete to begin with, predicted into again and again with two
+  models (different seeds) and two input sets. After each kill the folder is absent, or
+  complete: ``predictions.json`` says complete, lists exactly the files present, and every
+  map equals, voxel for voxel, the map an uninterrupted prediction with the model it names
+  gives (this run's, or the previous one's when the kill came before the swap). Anything else
+  is MIXED. A killed prediction's staging folder is hidden, marked partial, and removed by the
+  next prediction into the same folder.
+
+Each process is killed with SIGKILL at a random moment of its work: once its first event shows
+that the imports are done, after a delay drawn uniformly up to 1.05 times the time from the
+first event to the last of an uninterrupted run (so the moments depend neither on how long the
+imports nor on how long the interpreter's exit take on a busy machine).
 
 A last uninterrupted run of each must succeed (no lock left held, leftovers removed). Exit
 code 0 when no folder was ever mixed.
@@ -105,17 +108,17 @@ def _link(source: Path, link: Path) -> None:
 
 
 def _run(command: List[str], env: Dict[str, str]) -> float:
-    """Run to the end; the seconds it spent after its first event (its work)."""
+    """Run to the end; the seconds from its first event to its last (its work, without the
+    imports before and the interpreter's exit after)."""
     with tempfile.TemporaryDirectory() as folder:
         events = Path(folder) / "events.jsonl"
-        process = subprocess.Popen(
-            command + ["--events", str(events)], env=env, stderr=subprocess.PIPE, text=True
+        result = subprocess.run(
+            command + ["--events", str(events)], env=env, capture_output=True, text=True
         )
-        started = _first_event(process, events)
-        _, errors = process.communicate()
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{errors[-3000:]}")
-    return time.perf_counter() - started
+        if result.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        times = [json.loads(line)["time"] for line in events.read_text().splitlines()]
+    return times[-1] - times[0]
 
 
 def _first_event(process: subprocess.Popen, events: Path) -> float:
@@ -302,8 +305,8 @@ def _report(train_rows: List[dict], predict_rows: List[dict], args: argparse.Nam
     lines = [
         f"kill -9 test: {args.kills} kills of train and of predict, seed {args.seed}, "
         f"{TRAIN_CASES} training and {PREDICT_CASES} prediction cases of {args.data.name}; "
-        "each killed at a moment drawn uniformly from its first event to 1.05 x an "
-        "uninterrupted run's time from there",
+        "each killed at a moment drawn uniformly from its first event to 1.05 x the time an "
+        "uninterrupted run takes from its first event to its last",
         "",
         "| command | kills (process still running) | complete | partial | absent | MIXED |",
         "|---|---|---|---|---|---|",
