@@ -28,7 +28,8 @@ from SemiSupSegLib.backend.device import describe_device, select_device
 from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink, RateEstimator
 from SemiSupSegLib.backend.methods import Method, create_method
-from SemiSupSegLib.backend.networks import network_divisor
+from SemiSupSegLib.backend.networks import network_divisors
+from SemiSupSegLib.backend.planning import PLAN_NAME, Plan
 
 
 @dataclass
@@ -41,12 +42,12 @@ class TrainResult:
 
 def adjust_patch_size(config: TrainConfig, events: EventSink) -> TrainConfig:
     """Round the patch size up to what the network's down-sampling needs, and say so."""
-    divisor = network_divisor(config.network)
-    patch = tuple(int(-(-s // divisor) * divisor) for s in config.patch_size)
+    divisors = network_divisors(config.network, config.network_options)
+    patch = tuple(int(-(-s // d) * d) for s, d in zip(config.patch_size, divisors))
     if patch != tuple(config.patch_size):
         events.warn(
             f"patch size {tuple(config.patch_size)} rounded up to {patch}: "
-            f"network {config.network!r} needs multiples of {divisor}"
+            f"network {config.network!r} needs multiples of {'x'.join(map(str, divisors))}"
         )
         config = config.with_setting("patch_size", list(patch))
     return config
@@ -60,8 +61,12 @@ def train(
     stop: Optional[StopFlag] = None,
     resume: bool = False,
     init_from: Optional[str | Path] = None,
+    plan: Optional[Plan] = None,
 ) -> TrainResult:
     """Train ``config.method`` on ``dataset`` into ``run_dir``.
+
+    ``plan``, when the settings were planned (``planning.plan_training``), is written to
+    ``plan.json`` in the run folder beside ``config.json``.
 
     Writes ``checkpoint.pt`` (resumable) every ``checkpoint_every`` iterations and at the end,
     and ``model.pt`` (what ``predict`` loads). Raises CancelledError after saving a checkpoint
@@ -106,6 +111,7 @@ def train(
             init_from,
             world,
             distributed.rank_device(device, world),
+            plan,
         )
 
 
@@ -119,6 +125,7 @@ def _train(
     init_from: Optional[str | Path],
     world: distributed.World,
     device: torch.device,
+    plan: Optional[Plan] = None,
 ) -> TrainResult:
     """``train`` once the config and device are settled, on one rank (or the only process)."""
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -179,7 +186,7 @@ def _train(
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_files(run_dir, config, dataset)
+        _write_run_files(run_dir, config, dataset, plan)
     events.emit(
         "start",
         stage="training",
@@ -456,12 +463,17 @@ def _preprocessing(config: TrainConfig) -> Dict[str, Any]:
         "modality": config.modality,
         "target_spacing": config.target_spacing,
         "ct_window": config.ct_window,
+        "ct_foreground_stats": config.ct_foreground_stats,
         "patch_size": config.patch_size,
     }
 
 
-def _write_run_files(run_dir: Path, config: TrainConfig, dataset: Dataset) -> None:
+def _write_run_files(
+    run_dir: Path, config: TrainConfig, dataset: Dataset, plan: Optional[Plan]
+) -> None:
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+    if plan is not None:
+        (run_dir / PLAN_NAME).write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
     cases = {
         "classes": {str(k): v for k, v in dataset.classes.items()},
         "labeled": [
