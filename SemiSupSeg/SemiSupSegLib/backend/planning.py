@@ -361,11 +361,9 @@ def plan_training(
     if requested.network != "unet" and "network_options" in explicit:
         plan.values.pop("network_options", None)
     plan.overrides = {
-        name: explicit[name]
+        name: TrainConfig.from_dict({name: explicit[name]}).to_dict()[name]
         for name in PLANNED_SETTINGS
         if name in explicit
-        and TrainConfig.from_dict({name: explicit[name]}).to_dict()[name]
-        != TrainConfig.from_dict({name: plan.values.get(name)}).to_dict().get(name)
     }
     config = TrainConfig.from_dict({**base, **plan.values, **explicit}).validate()
     events.emit("plan", stage="planning", message=plan.table(), plan=plan.to_dict())
