@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from monai.utils import set_determinism
@@ -28,8 +28,12 @@ from SemiSupSegLib.backend.device import describe_device, select_device
 from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink, RateEstimator
 from SemiSupSegLib.backend.methods import Method, create_method
+from SemiSupSegLib.backend.methods.base import StepResult
 from SemiSupSegLib.backend.networks import network_divisors
 from SemiSupSegLib.backend.planning import PLAN_NAME, Plan
+
+#: Called after each iteration: (iterations done, method, the step's result).
+StepCallback = Callable[[int, Method, StepResult], None]
 
 
 @dataclass
@@ -62,8 +66,14 @@ def train(
     resume: bool = False,
     init_from: Optional[str | Path] = None,
     plan: Optional[Plan] = None,
+    callbacks: Sequence[StepCallback] = (),
 ) -> TrainResult:
     """Train ``config.method`` on ``dataset`` into ``run_dir``.
+
+    ``callbacks`` are called after every iteration on the main process with the number of
+    iterations done, the method (its networks in training mode) and the step's result; a
+    callback that changes a network's mode must restore it. Scripts use them to watch
+    training (e.g. ``scripts/mn_diagnostics.py``).
 
     ``plan``, when the settings were planned (``planning.plan_training``), is written to
     ``plan.json`` in the run folder beside ``config.json``.
@@ -112,6 +122,7 @@ def train(
             world,
             distributed.rank_device(device, world),
             plan,
+            callbacks,
         )
 
 
@@ -126,6 +137,7 @@ def _train(
     world: distributed.World,
     device: torch.device,
     plan: Optional[Plan] = None,
+    callbacks: Sequence[StepCallback] = (),
 ) -> TrainResult:
     """``train`` once the config and device are settled, on one rank (or the only process)."""
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -259,6 +271,9 @@ def _train(
             losses = result.losses
             rate.step()
             done = iteration + 1
+            if main:
+                for callback in callbacks:
+                    callback(done, method, result)
             if done % config.log_every == 0 or done == config.iterations:
                 events.progress(
                     stage,
