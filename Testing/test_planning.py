@@ -42,8 +42,8 @@ def fingerprint_like(size, spacing, cases=80, modality="MR", intensity=None) -> 
 
 
 @pytest.fixture(scope="module")
-def unet_bytes_per_voxel() -> float:
-    return measure(create_network("unet", 2), (32, 32, 32)).activation_bytes_per_voxel
+def unet_memory():
+    return measure(create_network("unet", 2), (32, 32, 32))
 
 
 def hippocampus_subset(hippocampus_dir: Path, labeled: int = 6, unlabeled: int = 6):
@@ -66,9 +66,9 @@ def test_hippocampus_plan_is_the_cpu_preset(hippocampus_dir):
     assert plan.values["iterations"] == 1500
 
 
-def test_large_volumes_on_a_cpu_trade_resolution_for_context(unet_bytes_per_voxel):
+def test_large_volumes_on_a_cpu_trade_resolution_for_context(unet_memory):
     la_like = fingerprint_like((190, 142, 88), (0.625, 0.625, 0.625))
-    cpu = make_plan(la_like, CPU, memory_per_voxel=unet_bytes_per_voxel)
+    cpu = make_plan(la_like, CPU, memory=unet_memory)
     spacing = np.array(cpu.values["target_spacing"])
     assert np.all(spacing > 0.625 * 1.5)
     median_shape = np.array([190, 142, 88]) * 0.625 / spacing
@@ -77,7 +77,7 @@ def test_large_volumes_on_a_cpu_trade_resolution_for_context(unet_bytes_per_voxe
     assert np.prod(patch) * cpu.values["batch_size"] <= 1.2 * CPU.voxels_per_iteration
     assert "resampled back" in cpu.reasons["target_spacing"]
     # The same data on a 24 GB GPU keeps the native spacing and fits the memory.
-    gpu = make_plan(la_like, GPU_24GB, memory_per_voxel=unet_bytes_per_voxel)
+    gpu = make_plan(la_like, GPU_24GB, memory=unet_memory)
     assert gpu.values["target_spacing"] == [0.625, 0.625, 0.625]
     assert np.prod(gpu.values["patch_size"]) > 4 * np.prod(patch)
     assert gpu.values["batch_size"] >= 2
@@ -85,11 +85,11 @@ def test_large_volumes_on_a_cpu_trade_resolution_for_context(unet_bytes_per_voxe
     assert gpu.estimated_memory_gib * 2**30 <= MEMORY_SHARE * GPU_24GB.memory_bytes
 
 
-def test_a_chosen_spacing_is_kept_and_the_patch_planned_for_it(unet_bytes_per_voxel):
+def test_a_chosen_spacing_is_kept_and_the_patch_planned_for_it(unet_memory):
     la_like = fingerprint_like((190, 142, 88), (0.625, 0.625, 0.625))
-    plan = make_plan(la_like, CPU, memory_per_voxel=unet_bytes_per_voxel, spacing=(1.0, 1.0, 1.0))
+    plan = make_plan(la_like, CPU, memory=unet_memory, spacing=(1.0, 1.0, 1.0))
     assert plan.values["target_spacing"] == [1.0, 1.0, 1.0]
-    coarse = make_plan(la_like, CPU, memory_per_voxel=unet_bytes_per_voxel, spacing=(2, 2, 2))
+    coarse = make_plan(la_like, CPU, memory=unet_memory, spacing=(2, 2, 2))
     assert np.prod(coarse.values["patch_size"]) <= np.prod(plan.values["patch_size"])
 
 

@@ -23,6 +23,7 @@ import torch
 
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.fingerprint import Fingerprint
+from SemiSupSegLib.backend.memory import MemoryModel
 from SemiSupSegLib.protocol import DEFAULT_BUDGET, TIME_BUDGETS
 
 PLAN_NAME = "plan.json"
@@ -174,7 +175,7 @@ def make_plan(
     network: str = "unet",
     uses_unlabeled: bool = True,
     time_budget: str = DEFAULT_BUDGET,
-    memory_per_voxel: Optional[float] = None,
+    memory: Optional[MemoryModel] = None,
     min_coverage: float = MIN_PATCH_COVERAGE,
     spacing: Optional[Sequence[float]] = None,
 ) -> Plan:
@@ -186,8 +187,8 @@ def make_plan(
         network: the 3D network's registered name; only ``unet``'s depth is planned.
         uses_unlabeled: the method trains on unlabeled patches too (about half a batch more).
         time_budget: quick, standard or thorough.
-        memory_per_voxel: activation bytes per voxel of the batch (``memory.measure``); needed
-            on memory-limited devices, an estimate for the table otherwise.
+        memory: the network's memory model (``memory.measure``); needed on memory-limited
+            devices, the table's estimate otherwise.
         min_coverage: time-limited devices coarsen the spacing until the patch spans this share
             of the median volume per axis.
         spacing: a spacing the user chose; the patch and network are planned for it.
@@ -232,11 +233,11 @@ def make_plan(
             f"{patch_voxels * batch / 1e3:.0f}k voxels per iteration"
         )
     else:
-        if memory_per_voxel is None:
-            raise ConfigError("planning for a GPU needs the network's memory per voxel")
+        if memory is None:
+            raise ConfigError("planning for a GPU needs the network's memory model")
         shape = median_mm / spacing
-        usable = MEMORY_SHARE * budget.memory_bytes
-        per_patch_voxel = memory_per_voxel / 2 * patches_per_step  # mixed precision
+        usable = MEMORY_SHARE * budget.memory_bytes - memory.state_bytes
+        per_patch_voxel = memory.training_bytes(1, patches_per_step, True) - memory.state_bytes
         batch = MIN_GPU_BATCH
         patch = fit_patch(shape, usable / (per_patch_voxel * batch), divisors_of)
         dataset_voxels = float(np.prod(shape)) * len(fingerprint.sizes)
@@ -265,21 +266,17 @@ def make_plan(
     values.update(_normalisation(fingerprint, reasons))
     values["iterations"] = TIME_BUDGETS[time_budget]["time" if budget.time_limited else "memory"]
     reasons["iterations"] = f"{time_budget} budget on {budget.kind}"
-    memory = 0.0
-    if memory_per_voxel is not None:
-        memory = (
-            (memory_per_voxel / (1 if budget.time_limited else 2))
-            * float(np.prod(patch))
-            * batch
-            * patches_per_step
-            / 2**30
-        )
+    estimate = 0.0
+    if memory is not None:
+        patches = batch * patches_per_step
+        mixed = not budget.time_limited
+        estimate = memory.training_bytes(int(np.prod(patch)), patches, mixed) / 2**30
     return Plan(
         values=values,
         reasons=reasons,
         device=budget.kind,
         budget=time_budget,
-        estimated_memory_gib=memory,
+        estimated_memory_gib=estimate,
         fingerprint=fingerprint.to_dict(),
     )
 
@@ -348,14 +345,13 @@ def plan_training(
     num_classes = max(dataset.classes) + 1 if dataset.classes else 2
     network = create_network(requested.network, num_classes, dropout=requested.dropout)
     probe = tuple(2 * d for d in network_divisors(requested.network, {}))
-    memory = measure(network, probe)
     plan = make_plan(
         fingerprint,
         budget,
         network=requested.network,
         uses_unlabeled=method_class(requested.method).uses_unlabeled,
         time_budget=time_budget,
-        memory_per_voxel=memory.activation_bytes_per_voxel,
+        memory=measure(network, probe),
         spacing=requested.target_spacing,
     )
     if requested.network != "unet" and "network_options" in explicit:
