@@ -526,8 +526,62 @@ def protocol_lines(results: list) -> list:
                     f"{cell('iou', 100, 2)} | {cell('hd95_mm', 1, 2)} | {cell('asd_mm', 1, 2)} | "
                     f"n/a | {plan_text} |"
                 )
+            lines += protocol_paired_lines(chosen)
             lines.append("")
     return lines
+
+
+def protocol_paired_lines(results: list) -> list:
+    """Each method against supervised training on the same cases, budget and labeled set:
+    over cases (Wilcoxon signed-rank on the per-case Dice averaged over the seeds both have)
+    and over runs (paired t-test on the per-seed mean Dice, from 3 seeds)."""
+    from scipy import stats
+
+    def group_key(r: dict) -> tuple:
+        return (r["labels"], r["iterations"], r["network"])
+
+    supervised: dict = {}
+    for r in results:
+        if r["method"] == "supervised" and not r.get("variant") and r.get("case_dice"):
+            supervised.setdefault(group_key(r), {})[r["seed"]] = r
+    groups: dict = {}
+    for r in results:
+        if r.get("case_dice") and not (r["method"] == "supervised" and not r.get("variant")):
+            groups.setdefault((method_label(r),) + group_key(r), {})[r["seed"]] = r
+    rows = []
+    for (label, labels, its, network), runs in sorted(groups.items()):
+        base = supervised.get((labels, its, network), {})
+        seeds = sorted(set(runs) & set(base))
+        if not seeds:
+            continue
+        cases = sorted(
+            set.intersection(*(set(x[s]["case_dice"]) for x in (runs, base) for s in seeds))
+        )
+        diff = [
+            sum(runs[s]["case_dice"][c] - base[s]["case_dice"][c] for s in seeds) / len(seeds)
+            for c in cases
+        ]
+        per_seed = [mean_dice(runs[s]) - mean_dice(base[s]) for s in seeds]
+        p_cases = stats.wilcoxon(diff).pvalue if any(diff) else 1.0
+        p_runs = f"{stats.ttest_rel([mean_dice(runs[s]) for s in seeds], [mean_dice(base[s]) for s in seeds]).pvalue:.2g}" if len(seeds) >= 3 else "n/a (fewer than 3 seeds)"  # fmt: skip
+        rows.append(
+            f"| {label} | {labels} | {its} | {', '.join(map(str, seeds))} | "
+            f"{100 * sum(per_seed) / len(per_seed):+.2f} | "
+            + ", ".join(f"{100 * d:+.2f}" for d in per_seed)
+            + f" | {sum(d > 0 for d in diff)}/{len(cases)} | {p_cases:.2g} | {p_runs} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Against `supervised` on the same labeled cases, budget and seeds: Dice difference in "
+        "points (mean and per seed), cases better (per-case Dice averaged over seeds), Wilcoxon "
+        "p over cases, paired t-test p over runs.",
+        "",
+        "| method | labeled | iterations | seeds | Δ Dice | Δ per seed | cases better | p cases | p runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]  # fmt: skip
 
 
 def _format_plan_value(value) -> str:
