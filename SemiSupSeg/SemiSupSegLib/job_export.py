@@ -4,7 +4,8 @@ Classes are defined by segment names: the first labeled case's segment order giv
 values 1..N, every other case must have the same names (a clear error names the case that
 differs), and each segmentation is exported with its segment IDs passed in that order, so a
 name always gets the same value. A labeled pair may also use a labelmap volume; its colour
-table's names play the role of segment names.
+table's names play the role of segment names. Labels are always written in their volume's own
+grid, whatever grid they were drawn on and whatever transforms either node is under.
 
 Job folder layout (``jobDir``): ``job.json``, ``inputs/images/<case>.nrrd``,
 ``inputs/labels/<case>.nrrd``, ``inputs/unlabeled/<case>.nrrd``; the backend writes its outputs
@@ -272,7 +273,9 @@ class JobExporter:
             return
         byName = {name: value for value, name in mrml_io.labelmapClasses(pair.labels).items()}
         valueToClass = {byName[name]: i + 1 for i, name in enumerate(classNames) if name in byName}
-        mrml_io.exportLabelmapToFile(self.scene, pair.labels, valueToClass, path)
+        mrml_io.exportLabelmapToFile(
+            self.scene, pair.labels, valueToClass, classNames, pair.volume, path
+        )
 
     def _relative(self, path: Path) -> str:
         return path.relative_to(self.jobDir).as_posix()
