@@ -28,7 +28,7 @@ from slicer.util import VTKObservationMixin
 
 from SemiSupSegLib import dependencies
 from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment
-from SemiSupSegLib.job_export import JobExporter, LabeledPair
+from SemiSupSegLib.job_export import ExportCancelled, JobExporter, LabeledPair
 from SemiSupSegLib.protocol import METHODS, MODALITIES
 from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
 from SemiSupSegLib.training_options import (
@@ -382,14 +382,41 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not start the job."), waitCursor=True):
-            jobPath = self.logic.exportJob(self._parameterNode)
-            self._start(jobPath)
+        self._exportAndStart(self.logic.exportJob, _("Could not start the job."))
 
     def onRetrain(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not start retraining."), waitCursor=True):
-            jobPath = self.logic.exportRetrainJob(self._parameterNode)
-            self._start(jobPath)
+        self._exportAndStart(self.logic.exportRetrainJob, _("Could not start retraining."))
+
+    def _exportAndStart(self, export, errorText: str) -> None:
+        """Write the job's inputs under a progress dialog (its Cancel stops the export and
+        removes what was written), then start the backend."""
+        dialog = slicer.util.createProgressDialog(
+            windowTitle=_("Semi-Supervised Segmentation"),
+            labelText=_("Writing the job's inputs..."),
+            maximum=0,
+            windowModality=qt.Qt.ApplicationModal,
+        )
+
+        def progress(done: int, total: int, what: str) -> None:
+            dialog.maximum = total
+            dialog.value = done
+            dialog.labelText = _("Writing {what} ({done} of {total})").format(
+                what=what, done=min(done + 1, total), total=total
+            )
+            slicer.app.processEvents()
+            if dialog.wasCanceled:
+                raise ExportCancelled(_("the export was cancelled"))
+
+        try:
+            with slicer.util.tryWithErrorDisplay(errorText):
+                try:
+                    jobPath = export(self._parameterNode, progress=progress)
+                except ExportCancelled:
+                    self.ui.statusLabel.text = _("Export cancelled: no job was started.")
+                    return
+                self._start(jobPath)
+        finally:
+            dialog.close()
 
     def _start(self, jobPath) -> None:
         self.ui.logTextEdit.clear()
@@ -607,15 +634,18 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             return []
         return [(a.case, a.label, session.labelOrigin(a.case)) for a in session.accepted.values()]
 
-    def exportJob(self, p):
+    def exportJob(self, p, progress=None):
+        """Write a new round's job folder; ``progress(done, total, what)`` hears of each file."""
         unlabeledFolder = str(p.unlabeledFolder) if _isSet(p.unlabeledFolder) else None
         unlabeled = [n for n in p.unlabeledVolumes if n is not None]
         return self.getWorkflow(p).exportJob(
-            self.labeledPairs(p), unlabeled, unlabeledFolder, self.trainingOptions(p)
+            self.labeledPairs(p), unlabeled, unlabeledFolder, self.trainingOptions(p), progress
         )
 
-    def exportRetrainJob(self, p):
-        return self.getWorkflow(p).exportRetrainJob(self.labeledPairs(p), self.trainingOptions(p))
+    def exportRetrainJob(self, p, progress=None):
+        return self.getWorkflow(p).exportRetrainJob(
+            self.labeledPairs(p), self.trainingOptions(p), progress
+        )
 
     def startJob(self, jobPath, p):
         """Start the backend on a job (returns at once; the widget polls from a QTimer)."""

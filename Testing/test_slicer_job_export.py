@@ -110,6 +110,20 @@ def test_training_options_to_settings():
 # ---------------------------------------------------------------- real MRML scene
 
 
+def nrrd_header(path):
+    """The fields of a NRRD file's text header."""
+    fields = {}
+    with open(path, "rb") as handle:
+        for raw in handle:
+            line = raw.decode("latin-1").rstrip("\n")
+            if not line:
+                break
+            if ": " in line:
+                key, value = line.split(": ", 1)
+                fields[key] = value
+    return fields
+
+
 @pytest.fixture
 def scene_with_cases():
     scene = newScene()
@@ -134,12 +148,22 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
     before = nodeIds(scene)
     modified = [pair.labels.GetMTime() for pair in pairs]
     exporter = JobExporter(scene, tmp_path / "job")
+    steps = []
     job, table = exporter.export(
         pairs,
         [unlabeled],
         str(folder),
         TrainingOptions(method="supervised", preset="custom", iterations=3),
+        progress=lambda done, total, what: steps.append((done, total, what)),
     )
+    assert steps == [
+        (0, 5, "image of hippo_001"),
+        (1, 5, "labels of hippo_001"),
+        (2, 5, "image of hippo_003"),
+        (3, 5, "labels of hippo_003"),
+        (4, 5, "unlabeled hippo_004"),
+        (5, 5, "job.json"),
+    ]
     assert nodeIds(scene) == before  # temporary labelmap nodes were removed again
     assert [pair.labels.GetMTime() for pair in pairs] == modified
     assert table.names == list(CLASS_NAMES)
@@ -161,6 +185,10 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
         np.testing.assert_array_equal(exported, truth)
         image = labelArray(case.image)
         assert image.shape == truth.shape
+    written = list((tmp_path / "job" / "inputs").rglob("*.nrrd"))
+    assert len(written) == 5
+    for path in written:  # job inputs are not gzipped: the export is not spent compressing
+        assert nrrd_header(path)["encoding"] == "raw", path
 
 
 def colour_table(scene, names):

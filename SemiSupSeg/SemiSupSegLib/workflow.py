@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from SemiSupSegLib import mrml_io
 from SemiSupSegLib.backend_process import BackendProcess, backendCommand, backendEnvironment
-from SemiSupSegLib.job_export import JobExporter, LabeledPair
+from SemiSupSegLib.job_export import ExportProgress, JobExporter, LabeledPair
 from SemiSupSegLib.job_runner import JobRunner
 from SemiSupSegLib.protocol import JOB_FILE_NAME, JobSpec
 from SemiSupSegLib.results import ResultsError, ReviewRow, Session
@@ -70,23 +70,32 @@ class Workflow:
         unlabeledVolumes: Sequence[Any] = (),
         unlabeledFolder: Optional[str] = None,
         options: Optional[TrainingOptions] = None,
+        progress: Optional[ExportProgress] = None,
     ) -> Path:
-        """Write a new round's job folder from the scene; returns the path of job.json."""
-        return self._export(pairs, unlabeledVolumes, unlabeledFolder, options, retrain=False)
+        """Write a new round's job folder from the scene; returns the path of job.json.
+
+        ``progress`` hears of each file written; if it raises (e.g. ``ExportCancelled``), the
+        round's folder is removed again."""
+        return self._export(
+            pairs, unlabeledVolumes, unlabeledFolder, options, retrain=False, progress=progress
+        )
 
     def exportRetrainJob(
         self,
         pairs: Sequence[LabeledPair],
         options: Optional[TrainingOptions] = None,
+        progress: Optional[ExportProgress] = None,
     ) -> Path:
         """The next round: the scene's labeled pairs plus every accepted case, the remaining
         unlabeled cases of the last round, warm-started from the last round's model for
         ``options.retrainShare`` of the iterations, or from scratch for the full budget if
         ``options.warmStart`` is off (``TrainingOptions.forRetraining``)."""
         options = (options or TrainingOptions()).validate().forRetraining()
-        return self._export(pairs, (), None, options, retrain=True)
+        return self._export(pairs, (), None, options, retrain=True, progress=progress)
 
-    def _export(self, pairs, unlabeledVolumes, unlabeledFolder, options, retrain: bool) -> Path:
+    def _export(
+        self, pairs, unlabeledVolumes, unlabeledFolder, options, retrain: bool, progress=None
+    ) -> Path:
         if self.running:
             raise WorkflowError("a job is already running")
         extraLabeled, extraUnlabeled, initFrom, classes = [], [], None, None
@@ -114,6 +123,7 @@ class Workflow:
                 extraLabeled=extraLabeled,
                 extraUnlabeled=extraUnlabeled,
                 classes=classes,
+                progress=progress,
             )
         except Exception:
             shutil.rmtree(jobDir, ignore_errors=True)
