@@ -26,7 +26,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SemiSupSegLib import dependencies
+from SemiSupSegLib import dependencies, mrml_io
 from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment
 from SemiSupSegLib.job_export import ExportCancelled, JobExporter, LabeledPair
 from SemiSupSegLib.protocol import METHODS, MODALITIES
@@ -531,6 +531,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         self._probeProcess = None
         self._probeRequirements = []
         self.currentCase = None
+        self._classes = None  # (what the table was computed from, describeClasses' answer)
 
     def getParameterNode(self):
         return SemiSupSegParameterNode(super().getParameterNode())
@@ -609,8 +610,18 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         return [LabeledPair(v, s) for v, s in self.labeledNodePairs(p)]
 
     def describeClasses(self, p):
-        """('Classes: 1 liver, 2 tumour', True) or the reason why not, for the Data section."""
+        """('Classes: 1 liver, 2 tumour', True) or the reason why not, for the Data section.
+
+        The panel asks on every parameter change; the table (which reads every labelmap's
+        voxels) is computed again only when a labeled pair or its labels changed."""
         pairs = self.labeledPairs(p)
+        key = tuple((pair.volume.GetID(), mrml_io.labelsVersion(pair.labels)) for pair in pairs)
+        if self._classes is None or self._classes[0] != key:
+            self._classes = (key, self._describeClasses(pairs))
+        return self._classes[1]
+
+    @staticmethod
+    def _describeClasses(pairs):
         if not pairs:
             return _("Classes: add a labeled case (volume + segmentation)"), False
         try:

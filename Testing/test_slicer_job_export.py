@@ -28,7 +28,9 @@ from SemiSupSegLib.training_options import (
 from slicer_side_helpers import (
     CLASS_NAMES,
     hippocampusCase,
+    ijkToRas,
     labelArray,
+    labelmapNode,
     newScene,
     nodeIds,
     segmentationFromLabelFile,
@@ -191,42 +193,6 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
         assert nrrd_header(path)["encoding"] == "raw", path
 
 
-def colour_table(scene, names):
-    """A user colour table: value i + 1 is names[i], coloured red, blue, green..."""
-    import slicer
-
-    colours = slicer.vtkMRMLColorTableNode()
-    colours.SetTypeToUser()
-    colours.SetNumberOfColors(len(names) + 1)
-    colours.SetColor(0, "background", 0, 0, 0, 0)
-    rgb = [(1, 0, 0), (0, 0, 1), (0, 1, 0)]
-    for value, name in enumerate(names, start=1):
-        colours.SetColor(value, name, *rgb[(value - 1) % 3], 1)
-    scene.AddNode(colours)
-    return colours
-
-
-def labelmap_node(scene, array, ijk_to_ras, names, name="labels"):
-    """A labelmap volume node with the voxels ``array`` (k, j, i) on the grid ``ijk_to_ras``."""
-    import slicer
-
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
-    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.int16))
-    node.CreateDefaultDisplayNodes()
-    node.GetDisplayNode().SetAndObserveColorNodeID(colour_table(scene, names).GetID())
-    return node
-
-
-def ijk_to_ras(node):
-    import slicer
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
-
-
 def file_geometry(path):
     import SimpleITK as sitk
 
@@ -242,8 +208,8 @@ def test_labelmap_volumes_can_be_the_labels(tmp_path):
     volume = mrml_io.readVolumeNode(scene, image, "vol")
     truth = labelArray(label)
     # names in another value order than the segmentations': 1 Posterior, 2 Anterior
-    labelmap = labelmap_node(
-        scene, np.where(truth > 0, 3 - truth, 0), ijk_to_ras(volume), ["Posterior", "Anterior"]
+    labelmap = labelmapNode(
+        scene, np.where(truth > 0, 3 - truth, 0), ijkToRas(volume), ["Posterior", "Anterior"]
     )
     job, table = JobExporter(scene, tmp_path / "job").export(
         [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
@@ -268,8 +234,8 @@ def test_a_labelmap_on_another_grid_is_resampled_to_its_volume(tmp_path):
         [[-1, 0, 0, columns + pad_i - 1], [0, 1, 0, -pad_j], [0, 0, 1, -pad_k], [0, 0, 0, 1]],
         dtype=float,
     )
-    labelmap = labelmap_node(
-        scene, padded, ijk_to_ras(volume) @ to_original, list(CLASS_NAMES), "other grid"
+    labelmap = labelmapNode(
+        scene, padded, ijkToRas(volume) @ to_original, list(CLASS_NAMES), "other grid"
     )
     before = nodeIds(scene)
     job, _table = JobExporter(scene, tmp_path / "job").export(
@@ -296,15 +262,15 @@ def test_labels_follow_the_transform_their_volume_is_under(tmp_path, transformed
     image, label = hippocampusCase("001")
     volume = mrml_io.readVolumeNode(scene, image, "vol")
     truth = labelArray(label)
-    local = ijk_to_ras(volume)
+    local = ijkToRas(volume)
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(ROTATE_AND_SHIFT))
     if transformed == "volume":
         volume.SetAndObserveTransformNodeID(transform.GetID())
-        labelmap = labelmap_node(scene, truth, ROTATE_AND_SHIFT @ local, list(CLASS_NAMES))
+        labelmap = labelmapNode(scene, truth, ROTATE_AND_SHIFT @ local, list(CLASS_NAMES))
     else:
         volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ROTATE_AND_SHIFT @ local))
-        labelmap = labelmap_node(scene, truth, local, list(CLASS_NAMES))
+        labelmap = labelmapNode(scene, truth, local, list(CLASS_NAMES))
         labelmap.SetAndObserveTransformNodeID(transform.GetID())
     job, _table = JobExporter(scene, tmp_path / "job").export(
         [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
@@ -319,10 +285,10 @@ def test_a_labelmap_outside_its_volume_is_an_error_naming_both(tmp_path):
     scene = newScene()
     image, label = hippocampusCase("001")
     volume = mrml_io.readVolumeNode(scene, image, "vol")
-    far_away = ijk_to_ras(volume) @ np.array(
+    far_away = ijkToRas(volume) @ np.array(
         [[1, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float
     )
-    labelmap = labelmap_node(scene, labelArray(label), far_away, list(CLASS_NAMES), "elsewhere")
+    labelmap = labelmapNode(scene, labelArray(label), far_away, list(CLASS_NAMES), "elsewhere")
     with pytest.raises(mrml_io.SceneDataError, match="elsewhere: no label lies inside volume vol"):
         JobExporter(scene, tmp_path / "job").export(
             [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")

@@ -20,6 +20,9 @@ from slicer_side_helpers import (
     CLASS_NAMES,
     MODULE_FILE,
     hippocampusCase,
+    ijkToRas,
+    labelArray,
+    labelmapNode,
     newScene,
     nodeIds,
     segmentationFromLabelFile,
@@ -169,3 +172,53 @@ def test_an_external_python_must_be_chosen(module, tmp_path):
     assert logic.requirements(p) == ["torch>=2.1", "monai>=1.4", "timm>=1.0", "einops>=0.6"]
     p.useExternalPython = True  # another Python may lack what Slicer ships
     assert logic.requirements(p)[-3:] == ["numpy>=1.24", "SimpleITK>=2.2", "scipy>=1.10"]
+
+
+def test_the_class_table_is_computed_again_only_when_the_labels_change(module, monkeypatch):
+    """The panel asks for the classes on every parameter change (each keystroke and slider
+    tick); reading every labelmap's voxels each time made the panel sluggish."""
+    semisupseg, scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    image, label = hippocampusCase("001")
+    first = mrml_io.readVolumeNode(scene, image, "first")
+    second = mrml_io.readVolumeNode(scene, hippocampusCase("003")[0], "second")
+    truth = labelArray(label)
+    labelmap = labelmapNode(scene, truth, ijkToRas(first), list(CLASS_NAMES))
+    segmentation = segmentationFromLabelFile(
+        scene, hippocampusCase("003")[1], second, "second labels"
+    )
+    reads = []
+    labelmapClasses = mrml_io.labelmapClasses
+    monkeypatch.setattr(
+        mrml_io, "labelmapClasses", lambda node: reads.append(node) or labelmapClasses(node)
+    )
+    logic.setLabeledNodePairs(p, [(first, labelmap), (second, segmentation)])
+    answer = ("Classes: 1 Anterior, 2 Posterior", True)
+    assert logic.describeClasses(p) == answer
+    computed = len(reads)
+    assert computed > 0
+    for iterations in range(10, 20):  # what updateGui does while the user types
+        p.iterations = iterations
+        assert logic.describeClasses(p) == answer
+    assert len(reads) == computed
+
+    segmentation.GetSegmentation().GetNthSegment(1).SetName("Tail")  # renamed in the editor
+    text, ok = logic.describeClasses(p)
+    assert not ok and "'second labels' has different segment names" in text
+    segmentation.GetSegmentation().GetNthSegment(1).SetName("Posterior")
+    assert logic.describeClasses(p) == answer
+
+    painted = slicer_util().arrayFromVolume(labelmap)
+    painted[painted == 2] = 3  # painted with a value the colour table does not name
+    slicer_util().arrayFromVolumeModified(labelmap)
+    text, ok = logic.describeClasses(p)
+    assert not ok and "every labeled case has ['Anterior', 'label 3']" in text
+    logic.setLabeledNodePairs(p, [(second, segmentation)])
+    assert logic.describeClasses(p) == answer
+
+
+def slicer_util():
+    import slicer
+
+    return slicer.util

@@ -113,6 +113,30 @@ def isLabelmap(node) -> bool:
     return node is not None and node.IsA("vtkMRMLLabelMapVolumeNode")
 
 
+def labelsVersion(labelsNode) -> Tuple:
+    """Changes whenever the class names or colours of a segmentation or labelmap may have
+    changed (renamed or recoloured segments; painted voxels or another colour table), so that a
+    class table computed from it can be cached."""
+    if isSegmentation(labelsNode):
+        segmentation = labelsNode.GetSegmentation()
+        segments = segmentation.GetNumberOfSegments()
+        return (
+            labelsNode.GetID(),
+            segmentation.GetMTime(),
+            tuple(segmentation.GetNthSegment(i).GetMTime() for i in range(segments)),
+        )
+    image = labelsNode.GetImageData()
+    display = labelsNode.GetDisplayNode()
+    colourNode = display.GetColorNode() if display is not None else None
+    return (
+        labelsNode.GetID(),
+        labelsNode.GetMTime(),
+        image.GetMTime() if image is not None else 0,
+        display.GetMTime() if display is not None else 0,
+        colourNode.GetMTime() if colourNode is not None else 0,
+    )
+
+
 def segmentNames(segmentationNode) -> List[str]:
     """Segment names in the segmentation's order."""
     segmentation = segmentationNode.GetSegmentation()
