@@ -204,6 +204,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self.logic.onSceneStartClose()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -212,7 +213,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not _isSet(self._parameterNode.outputFolder):
-            self._parameterNode.outputFolder = self.logic.defaultOutputFolder()
+            self._parameterNode.outputFolder = self.logic.initialOutputFolder()
         if self._watchedRunner is None and self.ui.resultsTable.rowCount == 0:
             try:
                 self._fillResultsTable()  # results of an earlier session in the output folder
@@ -279,8 +280,9 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for column, value in enumerate(values):
                 table.setItem(row, column, qt.QTableWidgetItem(value))
 
-    def _fillResultsTable(self) -> None:
-        rows = self.logic.reviewRows(self._parameterNode)
+    def _fillResultsTable(self, rows=None) -> None:
+        if rows is None:
+            rows = self.logic.reviewRows(self._parameterNode)
         table = self.ui.resultsTable
         table.setRowCount(len(rows))
         for index, row in enumerate(rows):
@@ -304,9 +306,10 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateReviewButtons(self) -> None:
         case = self._selectedCase()
         idle = not self.logic.running
+        p = self._parameterNode  # None while the scene closes
         self.ui.editSegmentationButton.enabled = case is not None
         self.ui.acceptButton.enabled = case is not None and idle
-        self.ui.retrainButton.enabled = idle and self.logic.canRetrain(self._parameterNode)
+        self.ui.retrainButton.enabled = idle and p is not None and self.logic.canRetrain(p)
 
     # ---------------------------------------------------------------------- data
 
@@ -459,7 +462,8 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = _("Finished: select a case below to review it.")
             self.ui.reviewCollapsibleButton.collapsed = False
-            self._fillResultsTable()
+            # the job's own session: also right when the scene was closed during the job
+            self._fillResultsTable(self.logic.workflow.reviewRows())
         self.updateGui()
 
     # -------------------------------------------------------------------- review
@@ -541,6 +545,21 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def defaultOutputFolder() -> pathlib.Path:
         return pathlib.Path(slicer.app.defaultScenePath) / "SemiSupSeg"
+
+    def initialOutputFolder(self) -> pathlib.Path:
+        """The output folder of a new parameter node: a running job's (so that its results
+        show when it finishes, also after the scene was closed), else the default."""
+        if self.running:
+            return self.workflow.outputFolder
+        return self.defaultOutputFolder()
+
+    def onSceneStartClose(self) -> None:
+        """Forget the nodes of the closing scene (shown case, loaded cases, exported volumes);
+        a running job keeps running and its results stay reachable."""
+        self.currentCase = None
+        self._classes = None
+        if self.workflow is not None:
+            self.workflow.forgetSceneNodes()
 
     @staticmethod
     def slicerPython() -> str:
@@ -736,7 +755,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
     def acceptCase(self, p, case: str):
         """Save the case's (corrected) segmentation as a new file version; labeled next round."""
         workflow = self.getWorkflow(p)
-        if case not in workflow.loaded:
+        if workflow.loadedCase(case) is None:
             workflow.loadCase(case, colourMap=p.colourMap)
         return workflow.acceptCase(case)
 

@@ -222,3 +222,48 @@ def slicer_util():
     import slicer
 
     return slicer.util
+
+
+def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(module, tmp_path):
+    semisupseg, scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    # what the widget's onSceneStartClose does
+    tag = scene.AddObserver(scene.StartCloseEvent, lambda *args: logic.onSceneStartClose())
+    p = logic.getParameterNode()
+    volumes = [
+        mrml_io.readVolumeNode(scene, hippocampusCase(n)[0], f"hc{n}")
+        for n in ("001", "003", "004")
+    ]
+    segmentations = [
+        segmentationFromLabelFile(scene, hippocampusCase(n)[1], v, f"hc{n} labels")
+        for n, v in zip(("001", "003"), volumes)
+    ]
+    logic.setLabeledNodePairs(p, list(zip(volumes[:2], segmentations)))
+    p.unlabeledVolumes = volumes[2:]
+    p.method, p.preset, p.iterations, p.device = "supervised", "custom", 3, "cpu"
+    p.extraSettings = "batch_size=1, checkpoint_every=0"
+    p.outputFolder = tmp_path / "out"
+    assert logic.run(p, wait=True, timeout=300).succeeded
+    logic.showCase(p, "hc004")
+    second = logic.run(p)  # still running when the user closes the scene
+    assert logic.running
+
+    scene.Clear(False)
+    assert logic.currentCase is None
+    # nothing keeps the closed scene's nodes (and their voxels) alive
+    assert not logic.workflow.loaded and not logic.workflow.sourceVolumes
+    assert not second.finished
+    fresh = logic.getParameterNode()  # what the panel sets up after the close
+    assert logic.initialOutputFolder() == tmp_path / "out"
+    fresh.outputFolder = logic.initialOutputFolder()
+    assert logic.workflow.wait(timeout=300) and second.succeeded
+    rows = logic.reviewRows(fresh)
+    assert [(row.case, row.round) for row in rows] == [("hc004", 2)]
+    # Accept works without selecting the case again: it loads from the job's files
+    accepted = logic.acceptCase(fresh, "hc004")
+    assert pathlib.Path(accepted.label).is_file() and accepted.round == 2
+    loaded = logic.workflow.loadedCase("hc004")
+    assert loaded is not None and scene.IsNodePresent(loaded.volume)
+    assert loaded.volume is not volumes[2]  # the closed scene's node is not used
+    assert logic.initialOutputFolder() == logic.defaultOutputFolder()  # no job running
+    scene.RemoveObserver(tag)

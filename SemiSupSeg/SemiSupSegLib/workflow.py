@@ -62,6 +62,12 @@ class Workflow:
             self.session = Session.load(folder)
             self.loaded = {}
 
+    def forgetSceneNodes(self) -> None:
+        """The scene is closing: drop the loaded review cases and the scene volumes of earlier
+        exports (cases load from their files again). A running job is not affected."""
+        self.loaded = {}
+        self.sourceVolumes = {}
+
     # -------------------------------------------------------------------- export
 
     def exportJob(
@@ -209,7 +215,7 @@ class Workflow:
         """Save the case's (possibly corrected) segmentation as a new label file version and
         move the case into the labeled set of the next round. Never overwrites a file."""
         row = self.row(case, roundNumber)
-        loaded = self.loaded.get(case)
+        loaded = self.loadedCase(case)
         if segmentationNode is None:
             if loaded is None:
                 raise WorkflowError(f"load case '{case}' before accepting it")
@@ -227,3 +233,12 @@ class Workflow:
                 path.unlink()  # the reserved name was never written
             raise
         return self.session.accept(case, row.image, path, row.round)
+
+    def loadedCase(self, case: str) -> Optional[LoadedCase]:
+        """The case as loaded in the scene, or None (never loaded, or its nodes were removed)."""
+        loaded = self.loaded.get(case)
+        return loaded if loaded is not None and self._inScene(loaded) else None
+
+    def _inScene(self, loaded: LoadedCase) -> bool:
+        nodes = (loaded.volume, loaded.segmentation, loaded.uncertainty)
+        return all(node is not None and self.scene.IsNodePresent(node) for node in nodes)
