@@ -179,10 +179,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Slicer unloads the module (it is closing): no backend may outlive it."""
         if self.pollTimer is not None:
             self.pollTimer.stop()
-        if self.logic is not None and self.logic.running:
-            self.logic.cancel()  # never leave an orphaned training process behind
+        if self.logic is not None:
+            self.logic.shutdown()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -708,6 +709,15 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
     def poll(self):
         return self.workflow.poll() if self.workflow is not None else []
+
+    def shutdown(self) -> None:
+        """Stop the running job and the dependency check, and wait until their processes are
+        gone: SIGTERM, the grace time for the backend to save a checkpoint, then kill."""
+        if self._probeProcess is not None:
+            self._probeProcess.stop()
+            self._probeProcess = None
+        if self.workflow is not None:
+            self.workflow.shutdown()
 
     def cancel(self) -> None:
         if self.workflow is not None:

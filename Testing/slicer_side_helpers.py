@@ -173,6 +173,11 @@ class FakeProcess:
         self.cancelRequested = True
         self.lines = self.lines[:1]
 
+    def stop(self):
+        self.cancelRequested = True
+        self.lines = []
+        return self.poll()
+
     def stderrTail(self):
         return type(self).stderr
 

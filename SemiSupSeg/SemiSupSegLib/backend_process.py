@@ -7,10 +7,16 @@
 ``graceSeconds``, ``poll`` kills the tree. The tree matters: Slicer's ``PythonSlicer`` is a
 launcher that starts the real Python as its child.
 
+A backend never outlives the Python that started it: ``stop`` (called when Slicer unloads the
+module, and for every process still running when the interpreter exits) sends SIGTERM, waits
+the grace time and then kills the tree. The child runs in its own session, so nothing else
+would end it.
+
 Plain Python (no Slicer, no Qt); psutil is used when it is installed, otherwise process
 groups (``os.killpg``) on Linux and macOS and ``taskkill /T`` on Windows.
 """
 
+import atexit
 import collections
 import os
 import queue
@@ -19,7 +25,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Deque, Dict, List, Mapping, Optional, Sequence
+from typing import Deque, Dict, List, Mapping, Optional, Sequence, Set
 
 try:
     import psutil
@@ -29,6 +35,8 @@ except ImportError:  # pragma: no cover - psutil is optional in Slicer's Python
 IS_WINDOWS = os.name == "nt"
 BACKEND_MODULE = "SemiSupSegLib.backend"
 STDERR_TAIL_LINES = 200
+# After the grace time, how long ``stop`` waits for a killed tree to be gone.
+KILL_WAIT_SECONDS = 5.0
 
 
 def moduleSearchPath() -> str:
@@ -119,6 +127,7 @@ class BackendProcess:
         ]
         for reader in self._readers:
             reader.start()
+        _started.add(self)
         return self
 
     @property
@@ -168,6 +177,7 @@ class BackendProcess:
                     reader.join(0.5)
             else:
                 return None
+        _started.discard(self)
         return code
 
     def cancel(self) -> None:
@@ -187,6 +197,30 @@ class BackendProcess:
         self._killed = True
         self._rememberTree()
         self._signalTree(force=True)
+
+    def stop(self) -> Optional[int]:
+        """End the process tree and wait until it is gone (Slicer's exit; never the GUI's
+        normal use): SIGTERM, up to ``graceSeconds`` for the backend to save a checkpoint and
+        exit (counted from an earlier ``cancel``), then kill. Returns the exit code."""
+        if self._popen is None:
+            return None
+        self._rememberTree()
+        if not self._treeAlive():
+            return self._popen.poll()
+        if not self.cancelRequested:
+            self.cancelRequested = True
+            self._cancelDeadline = time.monotonic() + self.graceSeconds
+            self._signalTree(force=False)
+        self._waitForTree(self._cancelDeadline)
+        if self._treeAlive():
+            self.kill()
+            self._waitForTree(time.monotonic() + KILL_WAIT_SECONDS)
+        return self._popen.poll()
+
+    def _waitForTree(self, deadline: float, interval: float = 0.05) -> None:
+        while time.monotonic() < deadline and self._treeAlive():
+            self._rememberTree()  # a child started late is ended too
+            time.sleep(interval)
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> Optional[int]:
         """Block until the process has finished (scripts and tests only, never the GUI)."""
@@ -285,3 +319,21 @@ class BackendProcess:
             os.killpg(popen.pid, signal.SIGKILL if force else signal.SIGTERM)
         except (ProcessLookupError, PermissionError, OSError):
             pass
+
+
+# Every process started here and not yet seen to end, so that none outlives this interpreter.
+_started: Set[BackendProcess] = set()
+
+
+@atexit.register
+def stopAllProcesses() -> None:
+    """Stop every process started here that is still running (grace time, then kill).
+
+    Runs when the interpreter exits (Slicer's Python too); all trees get SIGTERM first, so the
+    grace times run side by side."""
+    processes = [process for process in list(_started) if process._treeAlive()]
+    for process in processes:
+        if not process.cancelRequested:
+            process.cancel()
+    for process in processes:
+        process.stop()

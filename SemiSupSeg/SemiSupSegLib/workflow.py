@@ -166,6 +166,11 @@ class Workflow:
         if self.runner is not None:
             self.runner.cancel()
 
+    def shutdown(self) -> None:
+        """Stop a running job and wait until its processes are gone (Slicer is closing)."""
+        if self.runner is not None:
+            self.runner.stop()
+
     def wait(
         self, timeout: Optional[float] = None, processEvents: Optional[Callable[[], None]] = None
     ) -> bool:
