@@ -1,8 +1,6 @@
 import logging
 import os
 import pathlib
-import shutil
-import sys
 import time
 from typing import Annotated, Optional, Union
 
@@ -27,7 +25,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SemiSupSegLib import dependencies, mrml_io
-from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment
+from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment, slicerPython
 from SemiSupSegLib.job_export import ExportCancelled, JobExporter, LabeledPair
 from SemiSupSegLib.protocol import METHODS, MODALITIES
 from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
@@ -565,7 +563,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def slicerPython() -> str:
         """Slicer's own Python launcher (PythonSlicer), which sets up Slicer's environment."""
-        return shutil.which("PythonSlicer") or sys.executable
+        return slicerPython()
 
     def pythonExecutable(self, p) -> str:
         if p.useExternalPython:

@@ -267,3 +267,31 @@ def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(mo
     assert loaded.volume is not volumes[2]  # the closed scene's node is not used
     assert logic.initialOutputFolder() == logic.defaultOutputFolder()  # no job running
     scene.RemoveObserver(tag)
+
+
+def executable(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_slicers_python_is_pythonslicer_not_the_application(module, tmp_path, monkeypatch):
+    """Inside Slicer sys.executable is the application (SlicerApp-real, Slicer.exe), which
+    cannot run ``-m SemiSupSegLib.backend``; PythonSlicer is on the PATH or next to it."""
+    semisupseg, _scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    application = executable(tmp_path / "Slicer-5.8" / "bin" / "SlicerApp-real")
+    monkeypatch.setattr(sys, "executable", str(application))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    with pytest.raises(FileNotFoundError, match="neither on the PATH nor next to .*SlicerApp-real"):
+        logic.pythonExecutable(p)
+    beside = executable(application.with_name("PythonSlicer"))
+    assert logic.pythonExecutable(p) == str(beside)
+    on_path = executable(tmp_path / "launchers" / "PythonSlicer")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert logic.pythonExecutable(p) == str(on_path)  # where Slicer puts it: first choice
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    monkeypatch.setattr(sys, "executable", "/opt/conda/bin/python3.11")
+    assert logic.pythonExecutable(p) == "/opt/conda/bin/python3.11"  # scripts and tests

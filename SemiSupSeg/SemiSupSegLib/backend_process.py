@@ -20,8 +20,11 @@ import atexit
 import collections
 import os
 import queue
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +45,29 @@ KILL_WAIT_SECONDS = 5.0
 def moduleSearchPath() -> str:
     """The folder that holds the SemiSupSegLib package (what the backend needs on sys.path)."""
     return str(Path(__file__).resolve().parent.parent)
+
+
+def slicerPython(executable: Optional[str] = None) -> str:
+    """Slicer's Python launcher, ``PythonSlicer``, to run the backend and the dependency probe.
+
+    Inside Slicer ``sys.executable`` is the application itself, not a Python: like
+    ``slicer.util.executePythonModule``, look for ``PythonSlicer`` on the PATH (Slicer puts its
+    bin folder there), then next to ``executable``. Outside Slicer (scripts, tests) a Python
+    interpreter is its own answer. Raises FileNotFoundError naming where it looked.
+    """
+    executable = executable or sys.executable
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    beside = Path(executable).with_name("PythonSlicer.exe" if IS_WINDOWS else "PythonSlicer")
+    if beside.is_file():
+        return str(beside)
+    if re.fullmatch(r"python[0-9.]*(\.exe)?", Path(executable).name, re.IGNORECASE):
+        return executable
+    raise FileNotFoundError(
+        f"PythonSlicer was found neither on the PATH nor next to {executable}; "
+        "choose an external Python environment instead"
+    )
 
 
 def backendCommand(python: str, jobPath, resume: bool = False) -> List[str]:

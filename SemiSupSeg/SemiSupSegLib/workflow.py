@@ -14,12 +14,16 @@ A Python console user can script a round::
 """
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from SemiSupSegLib import mrml_io
-from SemiSupSegLib.backend_process import BackendProcess, backendCommand, backendEnvironment
+from SemiSupSegLib.backend_process import (
+    BackendProcess,
+    backendCommand,
+    backendEnvironment,
+    slicerPython,
+)
 from SemiSupSegLib.job_export import ExportProgress, JobExporter, LabeledPair
 from SemiSupSegLib.job_runner import JobRunner
 from SemiSupSegLib.protocol import JOB_FILE_NAME, JobSpec
@@ -43,7 +47,7 @@ class Workflow:
     ) -> None:
         self.scene = scene
         self.processFactory = processFactory
-        self.python = python or sys.executable
+        self.python = python or slicerPython()
         self.environment = dict(environment) if environment is not None else None
         self.session = Session.load(outputFolder)
         self.runner: Optional[JobRunner] = None
