@@ -425,9 +425,19 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.statusLabel.setStyleSheet("")
         self._watchedRunner = self.logic.startJob(jobPath, self._parameterNode)
+        self._rememberPathsOfThisJob()
         self.ui.logTextEdit.appendPlainText(_("Job: {path}").format(path=jobPath))
         self.pollTimer.start()
         self.updateGui()
+
+    def _rememberPathsOfThisJob(self) -> None:
+        """Add the job's paths to their fields' history (Slicer's settings, under each field's
+        settingKey), offered in the fields' drop-downs from then on."""
+        fields = [self.ui.outputFolderPathLineEdit, self.ui.unlabeledFolderPathLineEdit]
+        if self._parameterNode.useExternalPython:
+            fields.append(self.ui.externalPythonPathLineEdit)
+        for field in fields:
+            field.addCurrentPathToHistory()  # an empty path is not added
 
     def onPollTimer(self) -> None:
         """Runs on the GUI thread every POLL_MSEC; every call returns at once."""

@@ -8,10 +8,13 @@ the .ui side, and the in-Slicer tests (SemiSupSegTest, Testing/Python) run the p
 
 import importlib.util
 import json
+import os
 import pathlib
 import sys
 import types
 import typing
+import xml.etree.ElementTree as ET
+from unittest import mock
 
 import pytest
 
@@ -19,6 +22,8 @@ from SemiSupSegLib import mrml_io
 from slicer_side_helpers import (
     CLASS_NAMES,
     MODULE_FILE,
+    UI_FILE,
+    FakeProcess,
     hippocampusCase,
     ijkToRas,
     labelArray,
@@ -48,6 +53,13 @@ def _stub_parameter_node_wrapper(cls):
             setattr(self, name, value)
 
     return type(cls.__name__, (), {"__init__": __init__, "__doc__": cls.__doc__})
+
+
+class StartupEnvironment(dict):
+    """What slicer.util.startupEnvironment reads from slicer.app (a QProcessEnvironment)."""
+
+    def value(self, key):
+        return self[key]
 
 
 class _Validator:
@@ -85,6 +97,7 @@ def module(monkeypatch, tmp_path):
         defaultScenePath=str(tmp_path / "scenes"),
         processEvents=lambda: None,
         layoutManager=lambda: None,  # no views to fit
+        startupEnvironment=lambda: StartupEnvironment(os.environ),
     )
     for name, stub in (
         ("qt", types.ModuleType("qt")),
@@ -295,3 +308,37 @@ def test_slicers_python_is_pythonslicer_not_the_application(module, tmp_path, mo
     monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
     monkeypatch.setattr(sys, "executable", "/opt/conda/bin/python3.11")
     assert logic.pythonExecutable(p) == "/opt/conda/bin/python3.11"  # scripts and tests
+
+
+def path_fields_with_history():
+    """The ctkPathLineEdit widgets of the .ui that keep a history (a settingKey)."""
+    root = ET.parse(UI_FILE).getroot()
+    return sorted(
+        widget.get("name")
+        for widget in root.iter("widget")
+        if widget.get("class") == "ctkPathLineEdit"
+        and widget.find("property[@name='settingKey']") is not None
+    )
+
+
+def test_starting_a_job_adds_its_paths_to_the_fields_history(module, tmp_path):
+    """A settingKey alone does nothing: ctkPathLineEdit keeps a history only of the paths
+    given to addCurrentPathToHistory()."""
+    semisupseg, scene = module
+    FakeProcess.script, FakeProcess.returncode = [], 0
+    widget = object.__new__(semisupseg.SemiSupSegWidget)  # the panel without Qt: a fake .ui
+    widget.ui, widget.pollTimer = mock.MagicMock(), mock.MagicMock()
+    widget.updateGui = lambda *args: None
+    widget.logic = semisupseg.SemiSupSegLogic(processFactory=FakeProcess)
+    widget._parameterNode = p = widget.logic.getParameterNode()
+    volume = mrml_io.readVolumeNode(scene, hippocampusCase("001")[0], "hc001")
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volume, "hc001 labels")
+    widget.logic.setLabeledNodePairs(p, [(volume, labels)])
+    p.outputFolder, p.method = tmp_path / "out", "supervised"
+    p.useExternalPython, p.externalPython = True, pathlib.Path(sys.executable)
+
+    widget._start(widget.logic.exportJob(p))
+    fields = path_fields_with_history()
+    assert len(fields) == 3
+    for name in fields:
+        getattr(widget.ui, name).addCurrentPathToHistory.assert_called_once_with()
