@@ -1,6 +1,7 @@
 import logging
 import os
 import pathlib
+import sys
 import time
 from typing import Annotated, Optional, Union
 
@@ -183,6 +184,13 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is not None:
             self.logic.shutdown()
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Reload SemiSupSegLib with the module: Slicer's reload re-reads only this file, and
+        edits to the library would otherwise need a restart."""
+        for name in [n for n in sys.modules if n.split(".")[0] == "SemiSupSegLib"]:
+            del sys.modules[name]  # imported afresh when this file is executed again
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()

@@ -342,3 +342,29 @@ def test_starting_a_job_adds_its_paths_to_the_fields_history(module, tmp_path):
     assert len(fields) == 3
     for name in fields:
         getattr(widget.ui, name).addCurrentPathToHistory.assert_called_once_with()
+
+
+def test_reload_reads_the_library_again(module, monkeypatch):
+    """Developer mode's Reload: Slicer executes SemiSupSeg.py again (reloadScriptedModule);
+    the SemiSupSegLib modules it imports must be read again too."""
+    semisupseg, _scene = module
+    reloaded = []
+
+    def reloadScriptedModule(widget):  # what slicer.util.reloadScriptedModule does
+        spec = importlib.util.spec_from_file_location("SemiSupSeg", MODULE_FILE)
+        fresh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh)
+        reloaded.append(fresh)
+
+    monkeypatch.setattr(
+        semisupseg.ScriptedLoadableModuleWidget, "onReload", reloadScriptedModule, raising=False
+    )
+    for name in [n for n in sys.modules if n.split(".")[0] == "SemiSupSegLib"]:
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # restored after the test
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.onReload()
+    (fresh,) = reloaded
+    assert fresh.mrml_io is not mrml_io
+    assert fresh.mrml_io.__file__ == mrml_io.__file__
+    assert fresh.JobExporter is sys.modules["SemiSupSegLib.job_export"].JobExporter
+    assert fresh.JobExporter is not semisupseg.JobExporter
