@@ -830,7 +830,10 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
 
 class SemiSupSegTest(ScriptedLoadableModuleTest):
-    """A quick job end to end on crops of the MRHead sample (a few CPU iterations)."""
+    """A quick job end to end on crops of the MRHead sample (a few CPU iterations).
+
+    Skipped, saying why, where Slicer's Python lacks the backend's packages or MRHead cannot
+    be downloaded (build machines)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -842,9 +845,9 @@ class SemiSupSegTest(ScriptedLoadableModuleTest):
         self.test_SemiSupSeg_cancel()
 
     def _parameters(self, logic, iterations=3):
-        from SemiSupSegLib.sample_cases import addThresholdSegmentation, makeSampleCases
+        from SemiSupSegLib.sample_cases import addThresholdSegmentation, sampleCasesOrSkip
 
-        _head, volumes = makeSampleCases(3)
+        _head, volumes = sampleCasesOrSkip(self, logic.requirements(), 3)
         p = logic.getParameterNode()
         p.labeledVolumes = volumes[:2]
         p.labeledSegmentations = [addThresholdSegmentation(v) for v in volumes[:2]]

@@ -7,12 +7,14 @@ What this cannot check is how Slicer itself connects the widgets; test_slicer_ui
 the .ui side, and the in-Slicer tests (SemiSupSegTest, Testing/Python) run the panel."""
 
 import importlib.util
+import io
 import json
 import os
 import pathlib
 import sys
 import types
 import typing
+import unittest
 import xml.etree.ElementTree as ET
 from unittest import mock
 
@@ -21,6 +23,7 @@ import pytest
 from SemiSupSegLib import mrml_io
 from slicer_side_helpers import (
     CLASS_NAMES,
+    MODULE_DIR,
     MODULE_FILE,
     UI_FILE,
     FakeProcess,
@@ -80,13 +83,14 @@ def module(monkeypatch, tmp_path):
         def getParameterNode(self):
             return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
 
-    for name in (
-        "ScriptedLoadableModule",
-        "ScriptedLoadableModuleWidget",
-        "ScriptedLoadableModuleTest",
-    ):
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
         setattr(base, name, type(name, (), {}))
     base.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    base.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
@@ -368,3 +372,46 @@ def test_reload_reads_the_library_again(module, monkeypatch):
     assert fresh.mrml_io.__file__ == mrml_io.__file__
     assert fresh.JobExporter is sys.modules["SemiSupSegLib.job_export"].JobExporter
     assert fresh.JobExporter is not semisupseg.JobExporter
+
+
+def in_slicer_tests(semisupseg, monkeypatch):
+    """The tests ctest runs inside Slicer: SemiSupSegTest and SemiSupSegModuleTest."""
+    monkeypatch.setitem(sys.modules, "SemiSupSeg", semisupseg)
+    path = MODULE_DIR / "Testing" / "Python" / "SemiSupSegModuleTest.py"
+    spec = importlib.util.spec_from_file_location("SemiSupSegModuleTest", path)
+    module_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module_test)
+    return [semisupseg.SemiSupSegTest("runTest"), module_test.SemiSupSegModuleTest("runTest")]
+
+
+def run_like_ctest(tests):
+    """What slicer.testing.runUnitTest does: the run fails unless the result is successful."""
+    return unittest.TextTestRunner(stream=io.StringIO()).run(unittest.TestSuite(tests))
+
+
+def test_in_slicer_tests_skip_where_slicers_python_lacks_the_backend(module, monkeypatch, tmp_path):
+    semisupseg, _scene = module
+    tests = in_slicer_tests(semisupseg, monkeypatch)
+    importlib.import_module("SemiSupSegLib.sample_cases")  # before the packages disappear
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])  # a Python without torch, monai, timm
+    result = run_like_ctest(tests)
+    assert result.wasSuccessful(), result.errors + result.failures
+    assert len(result.skipped) == 2
+    for _test, reason in result.skipped:
+        assert "needs torch>=2.1, monai>=1.4, timm>=1.0, einops>=0.6 in Slicer's Python" in reason
+
+
+def test_in_slicer_tests_skip_where_mrhead_cannot_be_downloaded(module, monkeypatch):
+    semisupseg, _scene = module
+
+    def downloadSample(name):  # the network boundary
+        raise OSError("network is unreachable")
+
+    monkeypatch.setitem(
+        sys.modules, "SampleData", types.SimpleNamespace(downloadSample=downloadSample)
+    )
+    result = run_like_ctest(in_slicer_tests(semisupseg, monkeypatch))
+    assert result.wasSuccessful(), result.errors + result.failures
+    assert [reason for _test, reason in result.skipped] == [
+        "the MRHead sample could not be downloaded (network is unreachable)"
+    ] * 2

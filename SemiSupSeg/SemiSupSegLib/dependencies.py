@@ -15,6 +15,7 @@ command to run in that environment.
 
 import json
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,17 +285,26 @@ def externalInstallCommand(python: str, missing: Sequence[str]) -> str:
     return f'"{python}" -m pip install {quoted}'
 
 
-def installedVersions(names: Sequence[str] = PROBED_PACKAGES) -> Dict[str, Optional[str]]:
-    """Versions in *this* Python from package metadata (nothing is imported)."""
+def installedVersions(
+    names: Sequence[str] = PROBED_PACKAGES, path: Optional[Sequence[str]] = None
+) -> Dict[str, Optional[str]]:
+    """Versions in *this* Python (or in the folders ``path``) from package metadata; nothing
+    is imported."""
     from importlib import metadata
 
+    folders = list(sys.path if path is None else path)
     versions = {}
     for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+        found = next(iter(metadata.distributions(name=name, path=folders)), None)
+        versions[name] = found.version if found is not None else None
     return versions
+
+
+def missingHere(requirements: Sequence[str], path: Optional[Sequence[str]] = None) -> List[str]:
+    """The requirements this Python (or the folders ``path``) does not meet, from package
+    metadata, without importing anything (the in-Slicer tests skip on them)."""
+    names = [requirementName(r) for r in requirements]
+    return ProbeResult(packages=installedVersions(names, path)).missing(requirements)
 
 
 def bestComputationBackend(backends: Sequence[str]) -> str:
