@@ -293,8 +293,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.resultsTable
         table.setRowCount(len(rows))
         for index, row in enumerate(rows):
-            values = (row.case, f"{row.score:.4f}", str(row.foregroundVoxels), str(row.round))
-            for column, value in enumerate(values + (row.statusText(),)):
+            for column, value in enumerate(row.cells()):
                 item = qt.QTableWidgetItem(value)
                 item.setData(qt.Qt.UserRole, row.case)
                 table.setItem(index, column, item)
