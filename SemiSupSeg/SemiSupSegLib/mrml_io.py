@@ -234,7 +234,7 @@ def exportLabelmapToFile(
         slicer.util.updateVolumeFromArray(copy, remapped)
         segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SemiSupSeg export")
         # Same parent as the labelmap: ImportLabelmapToSegmentationNode applies the transform
-        # between two different parents twice (Slicer 5.8 to 5.12).
+        # between two different parents twice (Slicer 5.8.0 and current main).
         segmentation.SetAndObserveTransformNodeID(labelmapNode.GetTransformNodeID())
         ids = vtk.vtkStringArray()
         for name in classNames:
