@@ -92,6 +92,45 @@ def segmentationFromLabelFile(
     return segmentation
 
 
+def colourTable(scene, names):
+    """A user colour table: value i + 1 is names[i], coloured red, blue, green..."""
+    import slicer
+
+    colours = slicer.vtkMRMLColorTableNode()
+    colours.SetTypeToUser()
+    colours.SetNumberOfColors(len(names) + 1)
+    colours.SetColor(0, "background", 0, 0, 0, 0)
+    rgb = [(1, 0, 0), (0, 0, 1), (0, 1, 0)]
+    for value, name in enumerate(names, start=1):
+        colours.SetColor(value, name, *rgb[(value - 1) % 3], 1)
+    scene.AddNode(colours)
+    return colours
+
+
+def labelmapNode(scene, array, matrix, names, name="labels"):
+    """A labelmap volume node with the voxels ``array`` (k, j, i) on the grid whose IJK to RAS
+    matrix is ``matrix``, and a colour table naming value i + 1 ``names[i]``."""
+    import numpy as np
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.int16))
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetAndObserveColorNodeID(colourTable(scene, names).GetID())
+    return node
+
+
+def ijkToRas(node):
+    """A volume node's IJK to RAS matrix as a 4x4 array."""
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
 def labelArray(path):
     import numpy as np
     import SimpleITK as sitk
@@ -133,6 +172,11 @@ class FakeProcess:
     def cancel(self):
         self.cancelRequested = True
         self.lines = self.lines[:1]
+
+    def stop(self):
+        self.cancelRequested = True
+        self.lines = []
+        return self.poll()
 
     def stderrTail(self):
         return type(self).stderr

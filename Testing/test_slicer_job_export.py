@@ -28,7 +28,9 @@ from SemiSupSegLib.training_options import (
 from slicer_side_helpers import (
     CLASS_NAMES,
     hippocampusCase,
+    ijkToRas,
     labelArray,
+    labelmapNode,
     newScene,
     nodeIds,
     segmentationFromLabelFile,
@@ -110,6 +112,20 @@ def test_training_options_to_settings():
 # ---------------------------------------------------------------- real MRML scene
 
 
+def nrrd_header(path):
+    """The fields of a NRRD file's text header."""
+    fields = {}
+    with open(path, "rb") as handle:
+        for raw in handle:
+            line = raw.decode("latin-1").rstrip("\n")
+            if not line:
+                break
+            if ": " in line:
+                key, value = line.split(": ", 1)
+                fields[key] = value
+    return fields
+
+
 @pytest.fixture
 def scene_with_cases():
     scene = newScene()
@@ -134,12 +150,22 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
     before = nodeIds(scene)
     modified = [pair.labels.GetMTime() for pair in pairs]
     exporter = JobExporter(scene, tmp_path / "job")
+    steps = []
     job, table = exporter.export(
         pairs,
         [unlabeled],
         str(folder),
         TrainingOptions(method="supervised", preset="custom", iterations=3),
+        progress=lambda done, total, what: steps.append((done, total, what)),
     )
+    assert steps == [
+        (0, 5, "image of hippo_001"),
+        (1, 5, "labels of hippo_001"),
+        (2, 5, "image of hippo_003"),
+        (3, 5, "labels of hippo_003"),
+        (4, 5, "unlabeled hippo_004"),
+        (5, 5, "job.json"),
+    ]
     assert nodeIds(scene) == before  # temporary labelmap nodes were removed again
     assert [pair.labels.GetMTime() for pair in pairs] == modified
     assert table.names == list(CLASS_NAMES)
@@ -161,29 +187,112 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
         np.testing.assert_array_equal(exported, truth)
         image = labelArray(case.image)
         assert image.shape == truth.shape
+    written = list((tmp_path / "job" / "inputs").rglob("*.nrrd"))
+    assert len(written) == 5
+    for path in written:  # job inputs are not gzipped: the export is not spent compressing
+        assert nrrd_header(path)["encoding"] == "raw", path
+
+
+def file_geometry(path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetSize(), reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection()
 
 
 def test_labelmap_volumes_can_be_the_labels(tmp_path):
-    slicer = pytest.importorskip("slicer")
     scene = newScene()
     image, label = hippocampusCase("001")
     volume = mrml_io.readVolumeNode(scene, image, "vol")
-    labelmap = mrml_io.readVolumeNode(scene, label, "lab", labelmap=True)
-    colours = slicer.vtkMRMLColorTableNode()
-    colours.SetTypeToUser()
-    colours.SetNumberOfColors(3)
-    colours.SetColor(0, "background", 0, 0, 0, 0)
-    colours.SetColor(1, "Posterior", 0, 0, 1, 1)  # names in another value order
-    colours.SetColor(2, "Anterior", 1, 0, 0, 1)
-    scene.AddNode(colours)
-    labelmap.GetDisplayNode().SetAndObserveColorNodeID(colours.GetID())
+    truth = labelArray(label)
+    # names in another value order than the segmentations': 1 Posterior, 2 Anterior
+    labelmap = labelmapNode(
+        scene, np.where(truth > 0, 3 - truth, 0), ijkToRas(volume), ["Posterior", "Anterior"]
+    )
     job, table = JobExporter(scene, tmp_path / "job").export(
         [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
     )
     assert table.names == ["Posterior", "Anterior"]
-    assert table.colours["Anterior"] == (1.0, 0.0, 0.0)
+    assert table.colours["Anterior"] == (0.0, 0.0, 1.0)
     exported = labelArray(tmp_path / "job" / job.labeled[0].label)
-    np.testing.assert_array_equal(exported, labelArray(label))
+    np.testing.assert_array_equal(exported, np.where(truth > 0, 3 - truth, 0))
+
+
+def test_a_labelmap_on_another_grid_is_resampled_to_its_volume(tmp_path):
+    """A labelmap with another extent, origin and axis direction than its volume (padded and
+    flipped left-right) is written voxel for voxel in the volume's grid."""
+    scene = newScene()
+    image, label = hippocampusCase("001")
+    volume = mrml_io.readVolumeNode(scene, image, "vol")
+    truth = labelArray(label)
+    pad_k, pad_j, pad_i = 3, 4, 5
+    padded = np.pad(truth, ((pad_k, pad_k), (pad_j, pad_j), (pad_i, pad_i)))[:, :, ::-1]
+    columns = truth.shape[2]
+    to_original = np.array(  # the new grid's ijk -> the volume's ijk
+        [[-1, 0, 0, columns + pad_i - 1], [0, 1, 0, -pad_j], [0, 0, 1, -pad_k], [0, 0, 0, 1]],
+        dtype=float,
+    )
+    labelmap = labelmapNode(
+        scene, padded, ijkToRas(volume) @ to_original, list(CLASS_NAMES), "other grid"
+    )
+    before = nodeIds(scene)
+    job, _table = JobExporter(scene, tmp_path / "job").export(
+        [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
+    )
+    assert nodeIds(scene) == before
+    image_file = tmp_path / "job" / job.labeled[0].image
+    label_file = tmp_path / "job" / job.labeled[0].label
+    assert file_geometry(label_file) == file_geometry(image_file)
+    np.testing.assert_array_equal(labelArray(label_file), truth)
+
+
+ROTATE_AND_SHIFT = np.array(  # 90 degrees about S, then 10 mm right, 5 mm posterior, 3 mm up
+    [[0, -1, 0, 10], [1, 0, 0, -5], [0, 0, 1, 3], [0, 0, 0, 1]], dtype=float
+)
+
+
+@pytest.mark.parametrize("transformed", ["volume", "labelmap"])
+def test_labels_follow_the_transform_their_volume_is_under(tmp_path, transformed):
+    """One node is under a linear transform, the other was drawn where the user sees it (the
+    same transform hardened into its grid): the labels are written in the volume's own grid."""
+    slicer = pytest.importorskip("slicer")
+    scene = newScene()
+    image, label = hippocampusCase("001")
+    volume = mrml_io.readVolumeNode(scene, image, "vol")
+    truth = labelArray(label)
+    local = ijkToRas(volume)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(ROTATE_AND_SHIFT))
+    if transformed == "volume":
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+        labelmap = labelmapNode(scene, truth, ROTATE_AND_SHIFT @ local, list(CLASS_NAMES))
+    else:
+        volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ROTATE_AND_SHIFT @ local))
+        labelmap = labelmapNode(scene, truth, local, list(CLASS_NAMES))
+        labelmap.SetAndObserveTransformNodeID(transform.GetID())
+    job, _table = JobExporter(scene, tmp_path / "job").export(
+        [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
+    )
+    image_file = tmp_path / "job" / job.labeled[0].image
+    label_file = tmp_path / "job" / job.labeled[0].label
+    assert file_geometry(label_file) == file_geometry(image_file)
+    np.testing.assert_array_equal(labelArray(label_file), truth)
+
+
+def test_a_labelmap_outside_its_volume_is_an_error_naming_both(tmp_path):
+    scene = newScene()
+    image, label = hippocampusCase("001")
+    volume = mrml_io.readVolumeNode(scene, image, "vol")
+    far_away = ijkToRas(volume) @ np.array(
+        [[1, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float
+    )
+    labelmap = labelmapNode(scene, labelArray(label), far_away, list(CLASS_NAMES), "elsewhere")
+    with pytest.raises(mrml_io.SceneDataError, match="elsewhere: no label lies inside volume vol"):
+        JobExporter(scene, tmp_path / "job").export(
+            [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
+        )
 
 
 def test_mismatched_segment_names_name_the_case(tmp_path, scene_with_cases):
