@@ -28,10 +28,13 @@ from slicer.util import VTKObservationMixin
 from SemiSupSegLib import dependencies, mrml_io
 from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment, slicerPython
 from SemiSupSegLib.job_export import ExportCancelled, JobExporter, LabeledPair
+from SemiSupSegLib.progress import planSummary
 from SemiSupSegLib.protocol import METHODS, MODALITIES
 from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
 from SemiSupSegLib.training_options import (
+    CUSTOM_PRESET,
     DEFAULT_ENCODER_2D,
+    DEFAULT_ITERATIONS,
     DEFAULT_METHOD,
     DEFAULT_NETWORK_3D,
     DEFAULT_PRESET,
@@ -39,8 +42,9 @@ from SemiSupSegLib.training_options import (
     METHODS_WITH_2D_ENCODER,
     NETWORKS_3D,
     PRESET_NAMES,
-    PRESETS,
     TrainingOptions,
+    budgetLimitOf,
+    describeBudgets,
     describeGpu,
     parseExtraSettings,
 )
@@ -92,6 +96,8 @@ class SemiSupSegParameterNode:
     pendingVolume/pendingSegmentation - the pair being picked in the Data section.
     unlabeledVolumes - unlabeled volumes from the scene; unlabeledFolder - or from disk.
     method ... extraSettings - training choices; outputFolder - where rounds are written.
+    preset - a time budget (the backend's iterations for its device) or custom; iterations -
+    the custom number, else the budget's iterations on the device the panel detected.
     colourMap, uncertaintyOpacity - how the uncertainty overlay is shown.
     fastRetrain - Retrain warm-starts for a fifth of the budget (else from scratch, in full).
     """
@@ -107,7 +113,7 @@ class SemiSupSegParameterNode:
     network3D: Annotated[str, Choice(list(NETWORKS_3D))] = DEFAULT_NETWORK_3D
     encoder2D: str = DEFAULT_ENCODER_2D
     preset: Annotated[str, Choice(list(PRESET_NAMES))] = DEFAULT_PRESET
-    iterations: Annotated[int, WithinRange(1, 1000000)] = PRESETS[DEFAULT_PRESET]
+    iterations: Annotated[int, WithinRange(1, 1000000)] = DEFAULT_ITERATIONS
     device: Annotated[str, Choice(list(DEVICE_NAMES))] = "auto"
     useExternalPython: bool = False
     externalPython: pathlib.Path
@@ -154,6 +160,8 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.setInterval(self.POLL_MSEC)
         self.pollTimer.connect("timeout()", self.onPollTimer)
 
+        self.ui.presetComboBox.toolTip = describeBudgets()
+        self._showPlan(None)
         for table in (self.ui.labeledTable, self.ui.resultsTable):
             table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
             table.horizontalHeader().setStretchLastSection(True)
@@ -245,7 +253,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGui = True
         try:
             p = self._parameterNode
-            self.ui.iterationsSpinBox.enabled = p.preset == "custom"
+            self.ui.iterationsSpinBox.enabled = p.preset == CUSTOM_PRESET
+            if p.preset != CUSTOM_PRESET:  # show what the budget runs on this machine
+                iterations = self.logic.budgetIterations(p)
+                if p.iterations != iterations:
+                    p.iterations = iterations
             self.ui.encoder2DLineEdit.enabled = p.method in METHODS_WITH_2D_ENCODER
             self.ui.externalPythonPathLineEdit.enabled = p.useExternalPython
             self._syncUnlabeledSelector()
@@ -379,10 +391,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result, self.logic.requirements(self._parameterNode)
         )
         self.ui.installDependenciesButton.enabled = bool(self.logic.missingRequirements())
-        gpuText, hasGpu = describeGpu(result.asDict() if not result.error else None)
+        gpuText, hasGpu = describeGpu(self.logic.probeAnswer())
         self.ui.gpuLabel.text = _("GPU: {text}").format(text=gpuText)
         if not hasGpu and self._parameterNode and self._parameterNode.device != "cpu":
             logging.warning("SemiSupSeg: no GPU found, training will run on the CPU")
+        self.updateGui()  # a named budget's iterations depend on the GPU found
 
     # ----------------------------------------------------------------------- run
 
@@ -431,6 +444,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         self.ui.statusLabel.setStyleSheet("")
+        self._showPlan(None)
         self._watchedRunner = self.logic.startJob(jobPath, self._parameterNode)
         self._rememberPathsOfThisJob()
         self.ui.logTextEdit.appendPlainText(_("Job: {path}").format(path=jobPath))
@@ -456,6 +470,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             progress = runner.progress
             for line in progress.takeNewLogLines():
                 self.ui.logTextEdit.appendPlainText(line)
+            self._showPlan(progress)
             self.ui.progressBar.value = progress.percent
             self.ui.statusLabel.text = progress.statusText()
             if runner.finished:
@@ -463,6 +478,13 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._jobFinished(runner)
         if self._watchedRunner is None and not self.logic.checkingDependencies:
             self.pollTimer.stop()
+
+    def _showPlan(self, progress=None) -> None:
+        """The line under Time budget: the job's plan once the backend sent it (its table as
+        the tool tip), else how the plan is made."""
+        plan = progress.plan if progress is not None else None
+        self.ui.planLabel.setText(planSummary(plan))
+        self.ui.planLabel.setToolTip(progress.planTable if plan else "")
 
     def _jobFinished(self, runner) -> None:
         progress = runner.progress
@@ -618,6 +640,24 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             self.workflow.setOutputFolder(folder)
         return self.workflow
 
+    def probeAnswer(self) -> Optional[dict]:
+        """The dependency probe's answer (packages, torch, GPUs), or None before a check."""
+        probe = self.dependencyProbe
+        return probe.asDict() if probe is not None and not probe.error else None
+
+    def budgetLimit(self, p) -> str:
+        """What limits training on the device the panel detected: a CUDA GPU's memory, else
+        time (``training_options.budgetLimitOf``)."""
+        return budgetLimitOf(self.probeAnswer(), p.device)
+
+    def budgetIterations(self, p) -> int:
+        """The iterations of the chosen budget on the detected device (the custom number for
+        a custom budget)."""
+        options = TrainingOptions(
+            preset=p.preset, iterations=p.iterations, budgetLimit=self.budgetLimit(p)
+        )
+        return options.totalIterations()
+
     def trainingOptions(self, p) -> TrainingOptions:
         return TrainingOptions(
             method=p.method,
@@ -629,6 +669,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             modality=p.modality,
             extraSettings=parseExtraSettings(p.extraSettings),
             warmStart=p.fastRetrain,
+            budgetLimit=self.budgetLimit(p),
         ).validate()
 
     def labeledNodePairs(self, p):

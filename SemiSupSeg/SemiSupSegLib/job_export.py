@@ -276,6 +276,7 @@ class JobExporter:
             modality=options.modality,
             output=".",
             settings=options.settings(),
+            budget=options.budget,
             predict_unlabeled=True,
             init_from=str(initFrom) if initFrom else None,
         )
