@@ -184,3 +184,53 @@ class FakeProcess:
 
 def pythonExecutable() -> str:
     return sys.executable
+
+
+def planEventLine(values, overrides=None, device="cpu", budget="standard", memoryGiB=0.3) -> str:
+    """A ``plan`` event line as the backend sends it (``planning.plan_training``), from the
+    backend's own ``Plan``: ``values`` planned, ``overrides`` set by the user."""
+    from SemiSupSegLib.backend.planning import Plan
+    from SemiSupSegLib.protocol import encode_event, make_event
+
+    plan = Plan(
+        values=dict(values),
+        reasons={name: f"planned for {device}" for name in values},
+        device=device,
+        budget=budget,
+        estimated_memory_gib=memoryGiB,
+        overrides=dict(overrides or {}),
+    )
+    event = make_event("plan", stage="planning", message=plan.table(), plan=plan.to_dict())
+    return encode_event(event)
+
+
+_QT_APPLICATION = []  # the one QApplication of the test process, kept alive
+
+
+def loadPanel():
+    """The panel's real .ui loaded with PySide6 (offscreen); Slicer's own widget classes load
+    as the Qt classes they extend (the .ui's customwidgets)."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+    QtUiTools = pytest.importorskip("PySide6.QtUiTools")
+    QtCore = pytest.importorskip("PySide6.QtCore")
+    if not _QT_APPLICATION:
+        _QT_APPLICATION.append(QtWidgets.QApplication.instance() or QtWidgets.QApplication([]))
+    loader = QtUiTools.QUiLoader()
+    handle = QtCore.QFile(str(UI_FILE))
+    assert handle.open(QtCore.QFile.ReadOnly)
+    panel = loader.load(handle)
+    handle.close()
+    assert panel is not None, loader.errorString()
+    return panel
+
+
+def panelWidgets(panel):
+    """The panel's named widgets as attributes, what slicer.util.childWidgetVariables gives the
+    module as ``self.ui``; the panel itself too (it owns the others: they live while it does)."""
+    import types
+
+    from PySide6.QtCore import QObject
+
+    widgets = {w.objectName(): w for w in panel.findChildren(QObject) if w.objectName()}
+    return types.SimpleNamespace(**widgets, **{panel.objectName(): panel})

@@ -2,7 +2,9 @@
 through storage nodes, label values following segment names, class mismatch messages naming
 the case, unlabeled volumes from the scene or a folder, and the scene left as it was."""
 
+import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,11 +20,13 @@ from SemiSupSegLib.job_export import (
     sanitizeCaseName,
     uniqueName,
 )
-from SemiSupSegLib.protocol import JobSpec
+from SemiSupSegLib.protocol import DEFAULT_BUDGET, JOB_FILE_NAME, TIME_BUDGETS, JobSpec
 from SemiSupSegLib.training_options import (
     ENCODER_SETTING,
     OptionsError,
     TrainingOptions,
+    budgetLimitOf,
+    describeBudgets,
     parseExtraSettings,
 )
 from slicer_side_helpers import (
@@ -76,22 +80,26 @@ def test_case_names_are_file_safe_and_unique(tmp_path):
 
 def test_training_options_to_settings():
     options = TrainingOptions(method="mn+em", preset="quick", network="segresnet")
+    # a named budget is the job's budget: the backend picks its iterations for its device
     assert options.validate().settings() == {
-        "iterations": 300,
         "network": "segresnet",
         ENCODER_SETTING: "mobilenetv2_100",
     }
+    assert options.budget == "quick"
+    assert options.totalIterations() == TIME_BUDGETS["quick"]["time"]  # what the panel shows
+    assert replace(options, budgetLimit="memory").totalIterations() == 2000  # a CUDA GPU
     custom = TrainingOptions(
         method="supervised", preset="custom", iterations=7, extraSettings={"batch_size": 1}
     )
     assert custom.settings() == {"iterations": 7, "network": "unet", "batch_size": 1}
+    assert custom.budget == DEFAULT_BUDGET
     with pytest.raises(OptionsError, match="device"):
         TrainingOptions(device="tpu").validate()
-    retrain = TrainingOptions(preset="standard").forRetraining()
-    assert retrain.settings()["iterations"] == 300  # a fifth of 1500
-    assert TrainingOptions(preset="quick", retrainShare=0.5).forRetraining().iterations == 150
+    with pytest.raises(OptionsError, match="budget limit"):
+        TrainingOptions(budgetLimit="patience").validate()
     scratch = TrainingOptions(preset="standard", warmStart=False).forRetraining()
-    assert scratch.settings()["iterations"] == 1500  # from scratch: the full budget
+    assert "iterations" not in scratch.settings()  # from scratch: the full budget, any device
+    assert scratch.budget == "standard"
     assert custom.forRetraining().settings() == {
         "iterations": 1,
         "network": "unet",
@@ -99,6 +107,36 @@ def test_training_options_to_settings():
     }
     with pytest.raises(OptionsError, match="retraining share"):
         TrainingOptions(retrainShare=0.0).validate()
+
+
+def test_a_fast_retraining_round_runs_a_share_of_the_budget_of_the_detected_device():
+    """Sent as explicit iterations: a fifth of what the budget runs on the CPU, or on the GPU
+    the panel found; the job keeps the budget's name."""
+    assert TIME_BUDGETS["standard"] == {"time": 1500, "memory": 6000}  # what the numbers assume
+    cpu = TrainingOptions(preset="standard").forRetraining()
+    assert cpu.settings()["iterations"] == 300  # a fifth of the CPU's 1500
+    assert cpu.budget == "standard"
+    gpu = TrainingOptions(preset="standard", budgetLimit="memory").forRetraining()
+    assert gpu.settings()["iterations"] == 1200  # a fifth of the GPU's 6000
+    half = TrainingOptions(preset="thorough", retrainShare=0.5, budgetLimit="memory")
+    assert half.forRetraining().totalIterations() == TIME_BUDGETS["thorough"]["memory"] // 2
+    assert half.forRetraining().forRetraining().totalIterations() == 7500  # not a share of it
+
+
+def test_budget_limit_from_the_dependency_probe():
+    gpu = {"torch": {"installed": True, "cuda_devices": [{"name": "A100", "memory_gb": 80}]}}
+    apple = {"torch": {"installed": True, "cuda_devices": [], "mps": True}}
+    assert budgetLimitOf(gpu, "auto") == budgetLimitOf(gpu, "cuda") == "memory"
+    assert budgetLimitOf(gpu, "cpu") == budgetLimitOf(gpu, "mps") == "time"
+    assert budgetLimitOf(apple, "auto") == "time"  # Apple's GPU is time-limited too
+    assert budgetLimitOf(None, "auto") == "time"  # not checked yet
+    assert budgetLimitOf({"torch": {"installed": False}}, "auto") == "time"
+    text = describeBudgets()
+    assert "quick/standard/thorough: 500 / 1500 / 4000 iterations on a CPU" in text
+    assert "2000 / 6000 / 15000 on a CUDA GPU" in text
+
+
+def test_parse_extra_settings():
     assert parseExtraSettings("batch_size=2, patch_size=[32,32,16]; name=abc\nflag=true") == {
         "batch_size": 2,
         "patch_size": [32, 32, 16],
@@ -191,6 +229,23 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
     assert len(written) == 5
     for path in written:  # job inputs are not gzipped: the export is not spent compressing
         assert nrrd_header(path)["encoding"] == "raw", path
+
+
+def test_a_named_budget_is_written_as_the_jobs_budget_and_custom_as_iterations(
+    tmp_path, scene_with_cases
+):
+    """A GPU user's job must get the GPU schedule: a named budget sends no iterations."""
+    scene, pairs, unlabeled = scene_with_cases
+    written = {}
+    for preset in ("thorough", "custom"):
+        options = TrainingOptions(method="supervised", preset=preset, iterations=42)
+        JobExporter(scene, tmp_path / preset).export(pairs, [unlabeled], None, options)
+        written[preset] = json.loads((tmp_path / preset / JOB_FILE_NAME).read_text())
+    assert written["thorough"]["budget"] == "thorough"
+    assert "iterations" not in written["thorough"]["settings"]
+    assert written["thorough"]["plan"] is True
+    assert written["custom"]["settings"]["iterations"] == 42
+    assert written["custom"]["budget"] == DEFAULT_BUDGET
 
 
 def file_geometry(path):

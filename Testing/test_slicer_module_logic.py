@@ -21,6 +21,8 @@ from unittest import mock
 import pytest
 
 from SemiSupSegLib import mrml_io
+from SemiSupSegLib.dependencies import ProbeResult
+from SemiSupSegLib.protocol import encode_event, make_event
 from slicer_side_helpers import (
     CLASS_NAMES,
     MODULE_DIR,
@@ -31,8 +33,11 @@ from slicer_side_helpers import (
     ijkToRas,
     labelArray,
     labelmapNode,
+    loadPanel,
     newScene,
     nodeIds,
+    panelWidgets,
+    planEventLine,
     segmentationFromLabelFile,
 )
 
@@ -175,6 +180,52 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
     scratch = json.loads(logic.exportRetrainJob(p).read_text())
     assert scratch["init_from"] is None
     assert scratch["settings"]["iterations"] == logic.trainingOptions(p).totalIterations()
+
+    # a fast round after a named budget: a fifth of its iterations on the device found
+    p.fastRetrain, p.preset = True, "quick"
+    retrain = {}
+    for machine, devices in (("gpu", [A100]), ("cpu", [])):
+        logic.dependencyProbe = probeAnswer(devices)
+        retrain[machine] = json.loads(logic.exportRetrainJob(p).read_text())
+    assert retrain["gpu"]["settings"]["iterations"] == 400  # a fifth of quick's 2000 on a GPU
+    assert retrain["cpu"]["settings"]["iterations"] == 100  # a fifth of quick's 500 on a CPU
+    assert retrain["cpu"]["budget"] == retrain["gpu"]["budget"] == "quick"
+
+
+A100 = {"name": "NVIDIA A100", "memory_gb": 80.0}
+
+
+def probeAnswer(cudaDevices):
+    """The dependency probe's answer (the probe runs in a child process: its output is the
+    boundary) on a machine with these CUDA GPUs."""
+    torch = {"installed": True, "version": "2.5.1", "cuda_devices": cudaDevices, "mps": False}
+    return ProbeResult(python=sys.executable, version="3.9.10", torch=torch)
+
+
+def test_a_named_budget_shows_the_detected_devices_iterations_and_sends_its_name(module, tmp_path):
+    """The spin box shows a named budget's iterations on the device the panel found; the job
+    sends the budget's name, so that the backend runs the schedule of the device it gets."""
+    semisupseg, scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    assert (p.preset, logic.budgetIterations(p)) == ("standard", 1500)  # not checked yet: CPU
+    logic.dependencyProbe = probeAnswer([A100])
+    assert logic.budgetIterations(p) == 6000
+    p.device = "cpu"  # the GPU is there, the user trains on the CPU
+    assert logic.budgetIterations(p) == 1500
+    p.device = "auto"
+    p.preset, p.iterations = "custom", 7
+    assert logic.budgetIterations(p) == 7
+
+    volumes = [
+        mrml_io.readVolumeNode(scene, hippocampusCase(n)[0], f"hc{n}") for n in ("001", "004")
+    ]
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volumes[0], "hc001 l")
+    logic.setLabeledNodePairs(p, [(volumes[0], labels)])
+    p.unlabeledVolumes, p.method, p.preset = volumes[1:], "supervised", "quick"
+    p.outputFolder = tmp_path / "out"
+    job = json.loads(logic.exportJob(p).read_text())  # a GPU was found: still no iterations
+    assert job["budget"] == "quick" and "iterations" not in job["settings"]
 
 
 def test_an_external_python_must_be_chosen(module, tmp_path):
@@ -346,6 +397,60 @@ def test_starting_a_job_adds_its_paths_to_the_fields_history(module, tmp_path):
     assert len(fields) == 3
     for name in fields:
         getattr(widget.ui, name).addCurrentPathToHistory.assert_called_once_with()
+
+
+def test_a_plan_event_fills_the_plan_line_and_the_log(module, tmp_path):
+    """The panel (the real .ui in PySide6, offscreen) polling a job whose backend sends its
+    plan: the line under Time budget gives the plan, the log its table."""
+    semisupseg, scene = module
+    values = {
+        "target_spacing": [1.25, 1.25, 1.25],
+        "patch_size": [56, 40, 24],
+        "batch_size": 4,
+        "iterations": 1500,
+    }
+    plan = planEventLine(values, overrides={"batch_size": 2})  # batch_size=2 under Advanced
+    FakeProcess.script = [
+        encode_event(make_event("stage", stage="validation", message="checking 1 case")),
+        plan,
+        encode_event(make_event("start", stage="training", total=1500)),
+        encode_event(make_event("progress", stage="training", iteration=1, total=1500)),
+    ]
+    FakeProcess.returncode = 0
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.ui, widget.pollTimer = panelWidgets(loadPanel()), mock.MagicMock()
+    widget.updateGui = lambda *args: None
+    # CTK's path fields load as plain QWidgets here (their history is tested above)
+    widget._rememberPathsOfThisJob = lambda: None
+    widget.logic = semisupseg.SemiSupSegLogic(processFactory=FakeProcess)
+    widget._parameterNode = p = widget.logic.getParameterNode()
+    volume = mrml_io.readVolumeNode(scene, hippocampusCase("001")[0], "hc001")
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volume, "hc001 labels")
+    widget.logic.setLabeledNodePairs(p, [(volume, labels)])
+    p.outputFolder, p.method, p.extraSettings = tmp_path / "out", "supervised", "batch_size=2"
+
+    widget.ui.planLabel.setText("Plan (cuda): the last job's")
+    widget._start(widget.logic.exportJob(p))
+    assert (
+        widget.ui.planLabel.text()
+        == "Plan: made from your data and the device when training starts."
+    )
+    widget.onPollTimer()  # the validation stage and the plan
+    assert widget.ui.planLabel.text() == (
+        "Plan (cpu): 1.25 mm, patch 56x40x24, batch 2, 1500 iterations; "
+        "1 setting of yours (batch_size)"
+    )
+    table = json.loads(plan)["message"]
+    assert widget.ui.planLabel.toolTip() == table
+    log = widget.ui.logTextEdit.toPlainText().splitlines()
+    assert (
+        log[-len(table.splitlines()) :]
+        == ["[Planning] " + table.splitlines()[0]] + (table.splitlines()[1:])
+    )
+    assert any(row.split()[:2] == ["batch_size", "2"] and "set by you" in row for row in log)
+    widget.onPollTimer()  # training starts: the plan stays
+    assert widget.ui.planLabel.text().startswith("Plan (cpu): 1.25 mm")
+    widget.logic.shutdown()
 
 
 def test_reload_reads_the_library_again(module, monkeypatch):

@@ -19,6 +19,7 @@ from slicer_side_helpers import (
     TINY_SETTINGS,
     UI_FILE,
     hippocampusDir,
+    loadPanel,
 )
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -43,19 +44,8 @@ CONNECTABLE = {
 
 
 @pytest.fixture(scope="module")
-def app():
-    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
-
-
-@pytest.fixture(scope="module")
-def panel(app):
-    loader = QtUiTools.QUiLoader()
-    handle = QtCore.QFile(str(UI_FILE))
-    assert handle.open(QtCore.QFile.ReadOnly)
-    widget = loader.load(handle)
-    handle.close()
-    assert widget is not None, loader.errorString()
-    return widget
+def panel():
+    return loadPanel()
 
 
 def ui_classes():
