@@ -182,7 +182,7 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
     assert scratch["settings"]["iterations"] == logic.trainingOptions(p).totalIterations()
 
     # a fast round after a named budget: a fifth of its iterations on the device found
-    p.fastRetrain, p.preset = True, "quick"
+    p.fastRetrain, p.preset, p.device = True, "quick", "auto"
     retrain = {}
     for machine, devices in (("gpu", [A100]), ("cpu", [])):
         logic.dependencyProbe = probeAnswer(devices)

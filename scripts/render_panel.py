@@ -47,7 +47,7 @@ from screenshot_session import EVENTS_FILE, render_command  # noqa: E402
 from SemiSupSegLib import dependencies  # noqa: E402
 from SemiSupSegLib.backend_process import BackendProcess  # noqa: E402
 from SemiSupSegLib.dependencies import ProbeResult, parseProbeOutput, probeCommand  # noqa: E402
-from SemiSupSegLib.progress import ProgressModel  # noqa: E402
+from SemiSupSegLib.progress import ProgressModel, planSummary  # noqa: E402
 from SemiSupSegLib.protocol import JOB_FILE_NAME, JobSpec  # noqa: E402
 from SemiSupSegLib.results import Session  # noqa: E402
 from SemiSupSegLib.training_options import ENCODER_SETTING, describeGpu  # noqa: E402
@@ -188,6 +188,7 @@ def fill(panel: QWidget, session_folder: Path) -> None:
     fill_table(find(QTableWidget, "labeledTable"), labeled_rows)
 
     progress = replay_halfway(session.roundFolder(second) / EVENTS_FILE)
+    find(QLabel, "planLabel").setText(planSummary(progress.plan))
     apply = find(QPushButton, "applyButton")
     apply.setText("Cancel")
     apply.setEnabled(True)

@@ -63,6 +63,8 @@ class SemiSupSegModuleTest(ScriptedLoadableModuleTest):
         self.assertEqual(widget.ui.applyButton.text, "Cancel")
         self._waitFor(lambda: widget._watchedRunner is None)
         self.assertIn("Finished", widget.ui.statusLabel.text)
+        self.assertTrue(widget.ui.planLabel.text.startswith("Plan (cpu): "))
+        self.assertIn("3 iterations; ", widget.ui.planLabel.text)  # the custom budget: yours
         self.assertEqual(widget.ui.resultsTable.rowCount, 1)
         self.assertEqual(widget.ui.applyButton.text, "Train and predict")
 
