@@ -13,6 +13,7 @@ from SemiSupSegLib.protocol import (
     EXIT_FAILED,
     EXIT_OK,
     ProtocolError,
+    effective_plan_values,
     parse_event,
 )
 
@@ -56,7 +57,7 @@ def planSummary(plan: Optional[Dict[str, Any]]) -> str:
     if not plan:
         return PLAN_PENDING
     overrides = plan.get("overrides") or {}
-    values = {**(plan.get("values") or {}), **overrides}
+    values = effective_plan_values(plan)
     parts = []
     if "target_spacing" in values:
         spacing = values["target_spacing"]

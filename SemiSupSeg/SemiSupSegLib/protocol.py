@@ -331,6 +331,15 @@ def case_name_from_path(path: str) -> str:
 # ---------------------------------------------------------------- events
 
 
+def effective_plan_values(plan: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a planned run trains with, from the ``plan`` of a ``plan`` event.
+
+    ``plan["values"]`` holds what the backend planned from the data and the device;
+    ``plan["overrides"]`` what the user set (job settings, ``--set``), which win.
+    """
+    return {**(plan.get("values") or {}), **(plan.get("overrides") or {})}
+
+
 def make_event(kind: str, **fields: Any) -> Dict[str, Any]:
     """Build an event dict; ``validate_event`` accepts what this returns."""
     event = {"v": PROTOCOL_VERSION, "event": kind, "time": round(time.time(), 3)}
