@@ -1,7 +1,6 @@
 import logging
 import os
 import pathlib
-import shutil
 import sys
 import time
 from typing import Annotated, Optional, Union
@@ -26,13 +25,16 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SemiSupSegLib import dependencies
-from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment
-from SemiSupSegLib.job_export import JobExporter, LabeledPair
+from SemiSupSegLib import dependencies, mrml_io
+from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment, slicerPython
+from SemiSupSegLib.job_export import ExportCancelled, JobExporter, LabeledPair
+from SemiSupSegLib.progress import planSummary
 from SemiSupSegLib.protocol import METHODS, MODALITIES
 from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
 from SemiSupSegLib.training_options import (
+    CUSTOM_PRESET,
     DEFAULT_ENCODER_2D,
+    DEFAULT_ITERATIONS,
     DEFAULT_METHOD,
     DEFAULT_NETWORK_3D,
     DEFAULT_PRESET,
@@ -40,8 +42,9 @@ from SemiSupSegLib.training_options import (
     METHODS_WITH_2D_ENCODER,
     NETWORKS_3D,
     PRESET_NAMES,
-    PRESETS,
     TrainingOptions,
+    budgetLimitOf,
+    describeBudgets,
     describeGpu,
     parseExtraSettings,
 )
@@ -93,6 +96,8 @@ class SemiSupSegParameterNode:
     pendingVolume/pendingSegmentation - the pair being picked in the Data section.
     unlabeledVolumes - unlabeled volumes from the scene; unlabeledFolder - or from disk.
     method ... extraSettings - training choices; outputFolder - where rounds are written.
+    preset - a time budget (the backend's iterations for its device) or custom; iterations -
+    the custom number, else the budget's iterations on the device the panel detected.
     colourMap, uncertaintyOpacity - how the uncertainty overlay is shown.
     fastRetrain - Retrain warm-starts for a fifth of the budget (else from scratch, in full).
     """
@@ -108,7 +113,7 @@ class SemiSupSegParameterNode:
     network3D: Annotated[str, Choice(list(NETWORKS_3D))] = DEFAULT_NETWORK_3D
     encoder2D: str = DEFAULT_ENCODER_2D
     preset: Annotated[str, Choice(list(PRESET_NAMES))] = DEFAULT_PRESET
-    iterations: Annotated[int, WithinRange(1, 1000000)] = PRESETS[DEFAULT_PRESET]
+    iterations: Annotated[int, WithinRange(1, 1000000)] = DEFAULT_ITERATIONS
     device: Annotated[str, Choice(list(DEVICE_NAMES))] = "auto"
     useExternalPython: bool = False
     externalPython: pathlib.Path
@@ -155,6 +160,8 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.setInterval(self.POLL_MSEC)
         self.pollTimer.connect("timeout()", self.onPollTimer)
 
+        self.ui.presetComboBox.toolTip = describeBudgets()
+        self._showPlan(None)
         for table in (self.ui.labeledTable, self.ui.resultsTable):
             table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
             table.horizontalHeader().setStretchLastSection(True)
@@ -179,11 +186,19 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Slicer unloads the module (it is closing): no backend may outlive it."""
         if self.pollTimer is not None:
             self.pollTimer.stop()
-        if self.logic is not None and self.logic.running:
-            self.logic.cancel()  # never leave an orphaned training process behind
+        if self.logic is not None:
+            self.logic.shutdown()
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Reload SemiSupSegLib with the module: Slicer's reload re-reads only this file, and
+        edits to the library would otherwise need a restart."""
+        for name in [n for n in sys.modules if n.split(".")[0] == "SemiSupSegLib"]:
+            del sys.modules[name]  # imported afresh when this file is executed again
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -204,6 +219,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self.logic.onSceneStartClose()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -212,7 +228,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not _isSet(self._parameterNode.outputFolder):
-            self._parameterNode.outputFolder = self.logic.defaultOutputFolder()
+            self._parameterNode.outputFolder = self.logic.initialOutputFolder()
         if self._watchedRunner is None and self.ui.resultsTable.rowCount == 0:
             try:
                 self._fillResultsTable()  # results of an earlier session in the output folder
@@ -237,7 +253,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGui = True
         try:
             p = self._parameterNode
-            self.ui.iterationsSpinBox.enabled = p.preset == "custom"
+            self.ui.iterationsSpinBox.enabled = p.preset == CUSTOM_PRESET
+            if p.preset != CUSTOM_PRESET:  # show what the budget runs on this machine
+                iterations = self.logic.budgetIterations(p)
+                if p.iterations != iterations:
+                    p.iterations = iterations
             self.ui.encoder2DLineEdit.enabled = p.method in METHODS_WITH_2D_ENCODER
             self.ui.externalPythonPathLineEdit.enabled = p.useExternalPython
             self._syncUnlabeledSelector()
@@ -279,13 +299,13 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for column, value in enumerate(values):
                 table.setItem(row, column, qt.QTableWidgetItem(value))
 
-    def _fillResultsTable(self) -> None:
-        rows = self.logic.reviewRows(self._parameterNode)
+    def _fillResultsTable(self, rows=None) -> None:
+        if rows is None:
+            rows = self.logic.reviewRows(self._parameterNode)
         table = self.ui.resultsTable
         table.setRowCount(len(rows))
         for index, row in enumerate(rows):
-            values = (row.case, f"{row.score:.4f}", str(row.foregroundVoxels), str(row.round))
-            for column, value in enumerate(values + (row.statusText(),)):
+            for column, value in enumerate(row.cells()):
                 item = qt.QTableWidgetItem(value)
                 item.setData(qt.Qt.UserRole, row.case)
                 table.setItem(index, column, item)
@@ -304,9 +324,10 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateReviewButtons(self) -> None:
         case = self._selectedCase()
         idle = not self.logic.running
+        p = self._parameterNode  # None while the scene closes
         self.ui.editSegmentationButton.enabled = case is not None
         self.ui.acceptButton.enabled = case is not None and idle
-        self.ui.retrainButton.enabled = idle and self.logic.canRetrain(self._parameterNode)
+        self.ui.retrainButton.enabled = idle and p is not None and self.logic.canRetrain(p)
 
     # ---------------------------------------------------------------------- data
 
@@ -370,10 +391,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result, self.logic.requirements(self._parameterNode)
         )
         self.ui.installDependenciesButton.enabled = bool(self.logic.missingRequirements())
-        gpuText, hasGpu = describeGpu(result.asDict() if not result.error else None)
+        gpuText, hasGpu = describeGpu(self.logic.probeAnswer())
         self.ui.gpuLabel.text = _("GPU: {text}").format(text=gpuText)
         if not hasGpu and self._parameterNode and self._parameterNode.device != "cpu":
             logging.warning("SemiSupSeg: no GPU found, training will run on the CPU")
+        self.updateGui()  # a named budget's iterations depend on the GPU found
 
     # ----------------------------------------------------------------------- run
 
@@ -382,23 +404,61 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not start the job."), waitCursor=True):
-            jobPath = self.logic.exportJob(self._parameterNode)
-            self._start(jobPath)
+        self._exportAndStart(self.logic.exportJob, _("Could not start the job."))
 
     def onRetrain(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not start retraining."), waitCursor=True):
-            jobPath = self.logic.exportRetrainJob(self._parameterNode)
-            self._start(jobPath)
+        self._exportAndStart(self.logic.exportRetrainJob, _("Could not start retraining."))
+
+    def _exportAndStart(self, export, errorText: str) -> None:
+        """Write the job's inputs under a progress dialog (its Cancel stops the export and
+        removes what was written), then start the backend."""
+        dialog = slicer.util.createProgressDialog(
+            windowTitle=_("Semi-Supervised Segmentation"),
+            labelText=_("Writing the job's inputs..."),
+            maximum=0,
+            windowModality=qt.Qt.ApplicationModal,
+        )
+
+        def progress(done: int, total: int, what: str) -> None:
+            dialog.maximum = total
+            dialog.value = done
+            dialog.labelText = _("Writing {what} ({done} of {total})").format(
+                what=what, done=min(done + 1, total), total=total
+            )
+            slicer.app.processEvents()
+            if dialog.wasCanceled:
+                raise ExportCancelled(_("the export was cancelled"))
+
+        try:
+            with slicer.util.tryWithErrorDisplay(errorText):
+                try:
+                    jobPath = export(self._parameterNode, progress=progress)
+                except ExportCancelled:
+                    self.ui.statusLabel.text = _("Export cancelled: no job was started.")
+                    return
+                self._start(jobPath)
+        finally:
+            dialog.close()
 
     def _start(self, jobPath) -> None:
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         self.ui.statusLabel.setStyleSheet("")
+        self._showPlan(None)
         self._watchedRunner = self.logic.startJob(jobPath, self._parameterNode)
+        self._rememberPathsOfThisJob()
         self.ui.logTextEdit.appendPlainText(_("Job: {path}").format(path=jobPath))
         self.pollTimer.start()
         self.updateGui()
+
+    def _rememberPathsOfThisJob(self) -> None:
+        """Add the job's paths to their fields' history (Slicer's settings, under each field's
+        settingKey), offered in the fields' drop-downs from then on."""
+        fields = [self.ui.outputFolderPathLineEdit, self.ui.unlabeledFolderPathLineEdit]
+        if self._parameterNode.useExternalPython:
+            fields.append(self.ui.externalPythonPathLineEdit)
+        for field in fields:
+            field.addCurrentPathToHistory()  # an empty path is not added
 
     def onPollTimer(self) -> None:
         """Runs on the GUI thread every POLL_MSEC; every call returns at once."""
@@ -410,6 +470,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             progress = runner.progress
             for line in progress.takeNewLogLines():
                 self.ui.logTextEdit.appendPlainText(line)
+            self._showPlan(progress)
             self.ui.progressBar.value = progress.percent
             self.ui.statusLabel.text = progress.statusText()
             if runner.finished:
@@ -417,6 +478,13 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._jobFinished(runner)
         if self._watchedRunner is None and not self.logic.checkingDependencies:
             self.pollTimer.stop()
+
+    def _showPlan(self, progress=None) -> None:
+        """The line under Time budget: the job's plan once the backend sent it (its table as
+        the tool tip), else how the plan is made."""
+        plan = progress.plan if progress is not None else None
+        self.ui.planLabel.setText(planSummary(plan))
+        self.ui.planLabel.setToolTip(progress.planTable if plan else "")
 
     def _jobFinished(self, runner) -> None:
         progress = runner.progress
@@ -432,7 +500,8 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = _("Finished: select a case below to review it.")
             self.ui.reviewCollapsibleButton.collapsed = False
-            self._fillResultsTable()
+            # the job's own session: also right when the scene was closed during the job
+            self._fillResultsTable(self.logic.workflow.reviewRows())
         self.updateGui()
 
     # -------------------------------------------------------------------- review
@@ -504,6 +573,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         self._probeProcess = None
         self._probeRequirements = []
         self.currentCase = None
+        self._classes = None  # (what the table was computed from, describeClasses' answer)
 
     def getParameterNode(self):
         return SemiSupSegParameterNode(super().getParameterNode())
@@ -514,10 +584,25 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
     def defaultOutputFolder() -> pathlib.Path:
         return pathlib.Path(slicer.app.defaultScenePath) / "SemiSupSeg"
 
+    def initialOutputFolder(self) -> pathlib.Path:
+        """The output folder of a new parameter node: a running job's (so that its results
+        show when it finishes, also after the scene was closed), else the default."""
+        if self.running:
+            return self.workflow.outputFolder
+        return self.defaultOutputFolder()
+
+    def onSceneStartClose(self) -> None:
+        """Forget the nodes of the closing scene (shown case, loaded cases, exported volumes);
+        a running job keeps running and its results stay reachable."""
+        self.currentCase = None
+        self._classes = None
+        if self.workflow is not None:
+            self.workflow.forgetSceneNodes()
+
     @staticmethod
     def slicerPython() -> str:
         """Slicer's own Python launcher (PythonSlicer), which sets up Slicer's environment."""
-        return shutil.which("PythonSlicer") or sys.executable
+        return slicerPython()
 
     def pythonExecutable(self, p) -> str:
         if p.useExternalPython:
@@ -555,6 +640,24 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             self.workflow.setOutputFolder(folder)
         return self.workflow
 
+    def probeAnswer(self) -> Optional[dict]:
+        """The dependency probe's answer (packages, torch, GPUs), or None before a check."""
+        probe = self.dependencyProbe
+        return probe.asDict() if probe is not None and not probe.error else None
+
+    def budgetLimit(self, p) -> str:
+        """What limits training on the device the panel detected: a CUDA GPU's memory, else
+        time (``training_options.budgetLimitOf``)."""
+        return budgetLimitOf(self.probeAnswer(), p.device)
+
+    def budgetIterations(self, p) -> int:
+        """The iterations of the chosen budget on the detected device (the custom number for
+        a custom budget)."""
+        options = TrainingOptions(
+            preset=p.preset, iterations=p.iterations, budgetLimit=self.budgetLimit(p)
+        )
+        return options.totalIterations()
+
     def trainingOptions(self, p) -> TrainingOptions:
         return TrainingOptions(
             method=p.method,
@@ -566,6 +669,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             modality=p.modality,
             extraSettings=parseExtraSettings(p.extraSettings),
             warmStart=p.fastRetrain,
+            budgetLimit=self.budgetLimit(p),
         ).validate()
 
     def labeledNodePairs(self, p):
@@ -582,8 +686,18 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         return [LabeledPair(v, s) for v, s in self.labeledNodePairs(p)]
 
     def describeClasses(self, p):
-        """('Classes: 1 liver, 2 tumour', True) or the reason why not, for the Data section."""
+        """('Classes: 1 liver, 2 tumour', True) or the reason why not, for the Data section.
+
+        The panel asks on every parameter change; the table (which reads every labelmap's
+        voxels) is computed again only when a labeled pair or its labels changed."""
         pairs = self.labeledPairs(p)
+        key = tuple((pair.volume.GetID(), mrml_io.labelsVersion(pair.labels)) for pair in pairs)
+        if self._classes is None or self._classes[0] != key:
+            self._classes = (key, self._describeClasses(pairs))
+        return self._classes[1]
+
+    @staticmethod
+    def _describeClasses(pairs):
         if not pairs:
             return _("Classes: add a labeled case (volume + segmentation)"), False
         try:
@@ -607,15 +721,18 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
             return []
         return [(a.case, a.label, session.labelOrigin(a.case)) for a in session.accepted.values()]
 
-    def exportJob(self, p):
+    def exportJob(self, p, progress=None):
+        """Write a new round's job folder; ``progress(done, total, what)`` hears of each file."""
         unlabeledFolder = str(p.unlabeledFolder) if _isSet(p.unlabeledFolder) else None
         unlabeled = [n for n in p.unlabeledVolumes if n is not None]
         return self.getWorkflow(p).exportJob(
-            self.labeledPairs(p), unlabeled, unlabeledFolder, self.trainingOptions(p)
+            self.labeledPairs(p), unlabeled, unlabeledFolder, self.trainingOptions(p), progress
         )
 
-    def exportRetrainJob(self, p):
-        return self.getWorkflow(p).exportRetrainJob(self.labeledPairs(p), self.trainingOptions(p))
+    def exportRetrainJob(self, p, progress=None):
+        return self.getWorkflow(p).exportRetrainJob(
+            self.labeledPairs(p), self.trainingOptions(p), progress
+        )
 
     def startJob(self, jobPath, p):
         """Start the backend on a job (returns at once; the widget polls from a QTimer)."""
@@ -648,6 +765,15 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
     def poll(self):
         return self.workflow.poll() if self.workflow is not None else []
+
+    def shutdown(self) -> None:
+        """Stop the running job and the dependency check, and wait until their processes are
+        gone: SIGTERM, the grace time for the backend to save a checkpoint, then kill."""
+        if self._probeProcess is not None:
+            self._probeProcess.stop()
+            self._probeProcess = None
+        if self.workflow is not None:
+            self.workflow.shutdown()
 
     def cancel(self) -> None:
         if self.workflow is not None:
@@ -695,7 +821,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
     def acceptCase(self, p, case: str):
         """Save the case's (corrected) segmentation as a new file version; labeled next round."""
         workflow = self.getWorkflow(p)
-        if case not in workflow.loaded:
+        if workflow.loadedCase(case) is None:
             workflow.loadCase(case, colourMap=p.colourMap)
         return workflow.acceptCase(case)
 
@@ -744,7 +870,10 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
 
 class SemiSupSegTest(ScriptedLoadableModuleTest):
-    """A quick job end to end on crops of the MRHead sample (a few CPU iterations)."""
+    """A quick job end to end on crops of the MRHead sample (a few CPU iterations).
+
+    Skipped, saying why, where Slicer's Python lacks the backend's packages or MRHead cannot
+    be downloaded (build machines)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -756,9 +885,9 @@ class SemiSupSegTest(ScriptedLoadableModuleTest):
         self.test_SemiSupSeg_cancel()
 
     def _parameters(self, logic, iterations=3):
-        from SemiSupSegLib.sample_cases import addThresholdSegmentation, makeSampleCases
+        from SemiSupSegLib.sample_cases import addThresholdSegmentation, sampleCasesOrSkip
 
-        _head, volumes = makeSampleCases(3)
+        _head, volumes = sampleCasesOrSkip(self, logic.requirements(), 3)
         p = logic.getParameterNode()
         p.labeledVolumes = volumes[:2]
         p.labeledSegmentations = [addThresholdSegmentation(v) for v in volumes[:2]]

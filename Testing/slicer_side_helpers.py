@@ -92,6 +92,45 @@ def segmentationFromLabelFile(
     return segmentation
 
 
+def colourTable(scene, names):
+    """A user colour table: value i + 1 is names[i], coloured red, blue, green..."""
+    import slicer
+
+    colours = slicer.vtkMRMLColorTableNode()
+    colours.SetTypeToUser()
+    colours.SetNumberOfColors(len(names) + 1)
+    colours.SetColor(0, "background", 0, 0, 0, 0)
+    rgb = [(1, 0, 0), (0, 0, 1), (0, 1, 0)]
+    for value, name in enumerate(names, start=1):
+        colours.SetColor(value, name, *rgb[(value - 1) % 3], 1)
+    scene.AddNode(colours)
+    return colours
+
+
+def labelmapNode(scene, array, matrix, names, name="labels"):
+    """A labelmap volume node with the voxels ``array`` (k, j, i) on the grid whose IJK to RAS
+    matrix is ``matrix``, and a colour table naming value i + 1 ``names[i]``."""
+    import numpy as np
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.int16))
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetAndObserveColorNodeID(colourTable(scene, names).GetID())
+    return node
+
+
+def ijkToRas(node):
+    """A volume node's IJK to RAS matrix as a 4x4 array."""
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
 def labelArray(path):
     import numpy as np
     import SimpleITK as sitk
@@ -134,9 +173,64 @@ class FakeProcess:
         self.cancelRequested = True
         self.lines = self.lines[:1]
 
+    def stop(self):
+        self.cancelRequested = True
+        self.lines = []
+        return self.poll()
+
     def stderrTail(self):
         return type(self).stderr
 
 
 def pythonExecutable() -> str:
     return sys.executable
+
+
+def planEventLine(values, overrides=None, device="cpu", budget="standard", memoryGiB=0.3) -> str:
+    """A ``plan`` event line as the backend sends it (``planning.plan_training``), from the
+    backend's own ``Plan``: ``values`` planned, ``overrides`` set by the user."""
+    from SemiSupSegLib.backend.planning import Plan
+    from SemiSupSegLib.protocol import encode_event, make_event
+
+    plan = Plan(
+        values=dict(values),
+        reasons={name: f"planned for {device}" for name in values},
+        device=device,
+        budget=budget,
+        estimated_memory_gib=memoryGiB,
+        overrides=dict(overrides or {}),
+    )
+    event = make_event("plan", stage="planning", message=plan.table(), plan=plan.to_dict())
+    return encode_event(event)
+
+
+_QT_APPLICATION = []  # the one QApplication of the test process, kept alive
+
+
+def loadPanel():
+    """The panel's real .ui loaded with PySide6 (offscreen); Slicer's own widget classes load
+    as the Qt classes they extend (the .ui's customwidgets)."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+    QtUiTools = pytest.importorskip("PySide6.QtUiTools")
+    QtCore = pytest.importorskip("PySide6.QtCore")
+    if not _QT_APPLICATION:
+        _QT_APPLICATION.append(QtWidgets.QApplication.instance() or QtWidgets.QApplication([]))
+    loader = QtUiTools.QUiLoader()
+    handle = QtCore.QFile(str(UI_FILE))
+    assert handle.open(QtCore.QFile.ReadOnly)
+    panel = loader.load(handle)
+    handle.close()
+    assert panel is not None, loader.errorString()
+    return panel
+
+
+def panelWidgets(panel):
+    """The panel's named widgets as attributes, what slicer.util.childWidgetVariables gives the
+    module as ``self.ui``; the panel itself too (it owns the others: they live while it does)."""
+    import types
+
+    from PySide6.QtCore import QObject
+
+    widgets = {w.objectName(): w for w in panel.findChildren(QObject) if w.objectName()}
+    return types.SimpleNamespace(**widgets, **{panel.objectName(): panel})

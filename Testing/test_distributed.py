@@ -35,7 +35,7 @@ SETTINGS = {
 }
 ITERATIONS = 4
 #: What a single-process ``train`` writes into --out (events go to a file outside it).
-RUN_FILES = ["cases.json", "checkpoint.pt", "config.json", "model.pt"]
+RUN_FILES = ["cases.json", "checkpoint.pt", "config.json", "model.pt", "plan.json"]
 #: Per method: the network trained by gradient, and the one ``predict`` deploys.
 NETWORKS = {
     "supervised": ("network", "network"),

@@ -89,6 +89,8 @@ FIELD_VALUES: Dict[str, List[Any]] = {
     "settings": [None, [], "x"],
     "predict_unlabeled": ["yes", 1, None],
     "init_from": ["", 5],
+    "plan": ["yes", 1, None],
+    "budget": ["forever", 3, None],
 }  # fmt: skip
 
 # Training settings that cannot work; the message must name the setting.

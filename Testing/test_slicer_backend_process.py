@@ -1,7 +1,9 @@
 """The backend as a child process: non-blocking reads, failure text, and cancel of the whole
 process tree, against the REAL backend on tiny hippocampus cases (and cheap stand-in trees)."""
 
+import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -135,6 +137,97 @@ def test_kill_after_grace_when_the_tree_ignores_sigterm(tmp_path, monkeypatch):
             while not gone(child_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert gone(child_pid), f"child {child_pid} survived (psutil={use_psutil})"
+
+
+STUBBORN = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(120)"
+)
+
+
+def wait_until_ready(process):
+    deadline = time.monotonic() + 60
+    lines = []
+    while "ready" not in lines:
+        lines += process.readLines()
+        assert time.monotonic() < deadline, "the stand-in backend did not start"
+        time.sleep(0.05)
+
+
+def stubborn_tree_command(tmp_path):
+    """A launcher (like PythonSlicer) whose child ignores SIGTERM."""
+    return [sys.executable, str(write_launcher(tmp_path)), sys.executable, "-c", STUBBORN]
+
+
+def kill_leftovers(pids):
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+
+
+def test_stop_waits_the_grace_time_then_kills_the_tree(tmp_path):
+    """What Slicer's exit does: the module's cleanup stops the job and returns only when no
+    process of it is left."""
+    if os.name == "nt":
+        pytest.skip("SIGTERM semantics are POSIX")
+    runner = JobRunner(
+        lambda command, env=None, cwd=None: BackendProcess(command, graceSeconds=1.0)
+    )
+    runner.start(stubborn_tree_command(tmp_path))
+    wait_until_ready(runner.process)
+    pids = runner.process.treePids()
+    assert len(pids) == 2
+    try:
+        started = time.monotonic()
+        runner.stop()
+        elapsed = time.monotonic() - started
+        assert all(gone(pid) for pid in pids), "stop returned with the tree still running"
+        assert elapsed >= 1.0  # the backend had its grace time to save a checkpoint
+        assert elapsed < 1.0 + 15
+        assert runner.finished and runner.cancelled and not runner.failed
+    finally:
+        kill_leftovers(pids)
+
+
+EXITING_PARENT = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from SemiSupSegLib.backend_process import BackendProcess
+    process = BackendProcess(sys.argv[2:], graceSeconds=1.0).start()
+    lines = []
+    while "ready" not in lines:
+        lines += process.readLines()
+        time.sleep(0.05)
+    print(json.dumps(process.treePids()), flush=True)
+    # and exit, as Slicer does, without cancelling anything
+    """
+)
+
+
+def test_a_backend_never_outlives_the_python_that_started_it(tmp_path):
+    if os.name == "nt":
+        pytest.skip("SIGTERM semantics are POSIX")
+    parent = tmp_path / "parent.py"
+    parent.write_text(EXITING_PARENT)
+    result = subprocess.run(
+        [sys.executable, str(parent), moduleSearchPath()] + stubborn_tree_command(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    pids = json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        assert result.returncode == 0, result.stderr
+        assert len(pids) == 2
+        survivors = [pid for pid in pids if not gone(pid)]
+        assert not survivors, f"processes {survivors} outlived the Python that started them"
+    finally:
+        kill_leftovers(pids)
 
 
 def test_failing_job_shows_the_backends_error_text(tmp_path):

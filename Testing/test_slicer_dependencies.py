@@ -3,11 +3,16 @@ found by a probe in a child process (never importing torch into Slicer), and an 
 that never replaces Slicer's own numpy, SimpleITK or VTK."""
 
 import sys
+import types
+from pathlib import Path
+
+import pytest
 
 from SemiSupSegLib import dependencies
 from SemiSupSegLib.backend_process import BackendProcess
 from SemiSupSegLib.dependencies import (
     ProbeResult,
+    bestComputationBackend,
     constraintsFor,
     externalInstallCommand,
     parseProbeOutput,
@@ -78,9 +83,9 @@ def test_missing_packages_and_the_install_plan():
     assert plan.pipRequirements == ["monai>=1.4", "einops>=0.6"]  # numpy is Slicer's: never
     assert plan.constraints == ["numpy==1.26.4", "SimpleITK==2.4.0"]
     text = plan.description()
-    assert "PyTorch extension" in text and "numpy, SimpleITK stay as they are" in text
+    assert "PyTorch extension picks" in text and "numpy, SimpleITK stay as they are" in text
     without = planInstall(missing, probe.packages, pyTorchUtilsAvailable=False)
-    assert not without.torchViaPyTorchUtils and "through pip" in without.description()
+    assert not without.torchViaPyTorchUtils and "from PyPI" in without.description()
     assert planInstall([], probe.packages, True).empty
 
 
@@ -94,3 +99,97 @@ def test_constraints_pin_what_is_installed(tmp_path):
 def test_external_environment_gets_a_command_not_an_install():
     command = externalInstallCommand("/opt/env/bin/python", ["torch>=2.1", "monai>=1.4"])
     assert command == '"/opt/env/bin/python" -m pip install "torch>=2.1" "monai>=1.4"'
+
+
+class PipRecorder:
+    """Stands in for slicer.util.pip_install (Slicer's pip and the network): records each call
+    with the constraints file's content at that moment."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, requirements, constraints=None, requester=None):
+        assert isinstance(requirements, list)  # Slicer's pip_install wants a list or a string
+        path = constraints or requirements[requirements.index("-c") + 1]
+        pins = Path(path).read_text().split()
+        self.calls.append((requirements, constraints is not None, requester, pins))
+
+
+def without_constraints(arguments):
+    """pip arguments without the ``-c FILE`` of Slicer 5.8 to 5.11."""
+    if "-c" in arguments:
+        index = arguments.index("-c")
+        return arguments[:index] + arguments[index + 2 :]
+    return arguments
+
+
+@pytest.fixture
+def slicer_pip(monkeypatch):
+    util = pytest.importorskip("slicer.util")
+    recorder = PipRecorder()
+    monkeypatch.setattr(util, "pip_install", recorder)
+    return recorder
+
+
+class PyTorchExtension:
+    """The PyTorch extension's logic as SlicerPyTorch defines it; installTorch imports torch
+    into Slicer's process, so it must not be used."""
+
+    @staticmethod
+    def getCompatibleComputationBackends(
+        forceComputationBackend=None, torchVersionRequirement=None
+    ):
+        assert torchVersionRequirement == ">=2.1"
+        return ["cpu", "cu118", "cu121"]
+
+    def installTorch(self, *args, **kwargs):
+        raise AssertionError("installTorch imports torch inside Slicer")
+
+
+@pytest.mark.parametrize("slicer_512", [True, False])
+def test_install_in_slicer_uses_pip_with_constraints_and_never_imports_torch(
+    slicer_pip, monkeypatch, slicer_512
+):
+    monkeypatch.setitem(
+        sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchExtension)
+    )
+    if slicer_512:
+        monkeypatch.setitem(sys.modules, "slicer.packaging", types.ModuleType("slicer.packaging"))
+    else:
+        monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+    packages = {"torch": "2.0.1", "numpy": "1.26.4", "SimpleITK": "2.4.0"}
+    plan = planInstall(["torch>=2.1", "monai>=1.4"], packages, pyTorchUtilsAvailable=True)
+    dependencies.installInSlicer(plan)
+
+    (torch_step, torch_keywords, torch_requester, torch_pins), (rest, _, _, rest_pins) = (
+        slicer_pip.calls
+    )
+    assert without_constraints(torch_step) == [
+        "torch>=2.1",
+        "torchvision",  # the same build as torch, and under the same constraints
+        "--index-url",
+        "https://download.pytorch.org/whl/cu121",  # the newest CUDA the driver supports
+    ]
+    assert torch_pins == ["numpy==1.26.4", "SimpleITK==2.4.0"]  # torch 2.0.1 is replaced
+    assert torch_keywords == slicer_512 and torch_requester == (
+        "SemiSupSeg" if slicer_512 else None
+    )
+    assert without_constraints(rest) == ["monai>=1.4"]
+    installed = dependencies.installedVersions(("torch", "numpy"))
+    assert f"torch=={installed['torch']}" in rest_pins  # what was just installed stays
+    assert f"numpy=={installed['numpy']}" in rest_pins
+
+
+def test_without_the_pytorch_extension_torch_comes_from_pypi(slicer_pip, monkeypatch):
+    monkeypatch.delitem(sys.modules, "PyTorchUtils", raising=False)
+    plan = planInstall(["torch>=2.1"], {"numpy": "1.26.4"}, pyTorchUtilsAvailable=False)
+    dependencies.installInSlicer(plan)
+    ((arguments, _keywords, _requester, pins),) = slicer_pip.calls
+    assert arguments[:2] == ["torch>=2.1", "torchvision"] and "--index-url" not in arguments
+    assert pins == ["numpy==1.26.4"]
+
+
+def test_the_newest_cuda_build_is_chosen():
+    assert bestComputationBackend(["cpu", "cu118", "cu121", "cu92"]) == "cu121"
+    assert bestComputationBackend(["cpu", "rocm6.0"]) == "rocm6.0"
+    assert bestComputationBackend(["cpu"]) == bestComputationBackend([]) == "cpu"

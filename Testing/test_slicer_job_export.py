@@ -2,7 +2,9 @@
 through storage nodes, label values following segment names, class mismatch messages naming
 the case, unlabeled volumes from the scene or a folder, and the scene left as it was."""
 
+import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,17 +20,21 @@ from SemiSupSegLib.job_export import (
     sanitizeCaseName,
     uniqueName,
 )
-from SemiSupSegLib.protocol import JobSpec
+from SemiSupSegLib.protocol import DEFAULT_BUDGET, JOB_FILE_NAME, TIME_BUDGETS, JobSpec
 from SemiSupSegLib.training_options import (
     ENCODER_SETTING,
     OptionsError,
     TrainingOptions,
+    budgetLimitOf,
+    describeBudgets,
     parseExtraSettings,
 )
 from slicer_side_helpers import (
     CLASS_NAMES,
     hippocampusCase,
+    ijkToRas,
     labelArray,
+    labelmapNode,
     newScene,
     nodeIds,
     segmentationFromLabelFile,
@@ -74,22 +80,26 @@ def test_case_names_are_file_safe_and_unique(tmp_path):
 
 def test_training_options_to_settings():
     options = TrainingOptions(method="mn+em", preset="quick", network="segresnet")
+    # a named budget is the job's budget: the backend picks its iterations for its device
     assert options.validate().settings() == {
-        "iterations": 300,
         "network": "segresnet",
         ENCODER_SETTING: "mobilenetv2_100",
     }
+    assert options.budget == "quick"
+    assert options.totalIterations() == TIME_BUDGETS["quick"]["time"]  # what the panel shows
+    assert replace(options, budgetLimit="memory").totalIterations() == 2000  # a CUDA GPU
     custom = TrainingOptions(
         method="supervised", preset="custom", iterations=7, extraSettings={"batch_size": 1}
     )
     assert custom.settings() == {"iterations": 7, "network": "unet", "batch_size": 1}
+    assert custom.budget == DEFAULT_BUDGET
     with pytest.raises(OptionsError, match="device"):
         TrainingOptions(device="tpu").validate()
-    retrain = TrainingOptions(preset="standard").forRetraining()
-    assert retrain.settings()["iterations"] == 300  # a fifth of 1500
-    assert TrainingOptions(preset="quick", retrainShare=0.5).forRetraining().iterations == 150
+    with pytest.raises(OptionsError, match="budget limit"):
+        TrainingOptions(budgetLimit="patience").validate()
     scratch = TrainingOptions(preset="standard", warmStart=False).forRetraining()
-    assert scratch.settings()["iterations"] == 1500  # from scratch: the full budget
+    assert "iterations" not in scratch.settings()  # from scratch: the full budget, any device
+    assert scratch.budget == "standard"
     assert custom.forRetraining().settings() == {
         "iterations": 1,
         "network": "unet",
@@ -97,6 +107,36 @@ def test_training_options_to_settings():
     }
     with pytest.raises(OptionsError, match="retraining share"):
         TrainingOptions(retrainShare=0.0).validate()
+
+
+def test_a_fast_retraining_round_runs_a_share_of_the_budget_of_the_detected_device():
+    """Sent as explicit iterations: a fifth of what the budget runs on the CPU, or on the GPU
+    the panel found; the job keeps the budget's name."""
+    assert TIME_BUDGETS["standard"] == {"time": 1500, "memory": 6000}  # what the numbers assume
+    cpu = TrainingOptions(preset="standard").forRetraining()
+    assert cpu.settings()["iterations"] == 300  # a fifth of the CPU's 1500
+    assert cpu.budget == "standard"
+    gpu = TrainingOptions(preset="standard", budgetLimit="memory").forRetraining()
+    assert gpu.settings()["iterations"] == 1200  # a fifth of the GPU's 6000
+    half = TrainingOptions(preset="thorough", retrainShare=0.5, budgetLimit="memory")
+    assert half.forRetraining().totalIterations() == TIME_BUDGETS["thorough"]["memory"] // 2
+    assert half.forRetraining().forRetraining().totalIterations() == 7500  # not a share of it
+
+
+def test_budget_limit_from_the_dependency_probe():
+    gpu = {"torch": {"installed": True, "cuda_devices": [{"name": "A100", "memory_gb": 80}]}}
+    apple = {"torch": {"installed": True, "cuda_devices": [], "mps": True}}
+    assert budgetLimitOf(gpu, "auto") == budgetLimitOf(gpu, "cuda") == "memory"
+    assert budgetLimitOf(gpu, "cpu") == budgetLimitOf(gpu, "mps") == "time"
+    assert budgetLimitOf(apple, "auto") == "time"  # Apple's GPU is time-limited too
+    assert budgetLimitOf(None, "auto") == "time"  # not checked yet
+    assert budgetLimitOf({"torch": {"installed": False}}, "auto") == "time"
+    text = describeBudgets()
+    assert "quick/standard/thorough: 500 / 1500 / 4000 iterations on a CPU" in text
+    assert "2000 / 6000 / 15000 on a CUDA GPU" in text
+
+
+def test_parse_extra_settings():
     assert parseExtraSettings("batch_size=2, patch_size=[32,32,16]; name=abc\nflag=true") == {
         "batch_size": 2,
         "patch_size": [32, 32, 16],
@@ -108,6 +148,20 @@ def test_training_options_to_settings():
 
 
 # ---------------------------------------------------------------- real MRML scene
+
+
+def nrrd_header(path):
+    """The fields of a NRRD file's text header."""
+    fields = {}
+    with open(path, "rb") as handle:
+        for raw in handle:
+            line = raw.decode("latin-1").rstrip("\n")
+            if not line:
+                break
+            if ": " in line:
+                key, value = line.split(": ", 1)
+                fields[key] = value
+    return fields
 
 
 @pytest.fixture
@@ -134,12 +188,22 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
     before = nodeIds(scene)
     modified = [pair.labels.GetMTime() for pair in pairs]
     exporter = JobExporter(scene, tmp_path / "job")
+    steps = []
     job, table = exporter.export(
         pairs,
         [unlabeled],
         str(folder),
         TrainingOptions(method="supervised", preset="custom", iterations=3),
+        progress=lambda done, total, what: steps.append((done, total, what)),
     )
+    assert steps == [
+        (0, 5, "image of hippo_001"),
+        (1, 5, "labels of hippo_001"),
+        (2, 5, "image of hippo_003"),
+        (3, 5, "labels of hippo_003"),
+        (4, 5, "unlabeled hippo_004"),
+        (5, 5, "job.json"),
+    ]
     assert nodeIds(scene) == before  # temporary labelmap nodes were removed again
     assert [pair.labels.GetMTime() for pair in pairs] == modified
     assert table.names == list(CLASS_NAMES)
@@ -161,29 +225,129 @@ def test_export_writes_a_valid_job_and_leaves_the_scene_untouched(tmp_path, scen
         np.testing.assert_array_equal(exported, truth)
         image = labelArray(case.image)
         assert image.shape == truth.shape
+    written = list((tmp_path / "job" / "inputs").rglob("*.nrrd"))
+    assert len(written) == 5
+    for path in written:  # job inputs are not gzipped: the export is not spent compressing
+        assert nrrd_header(path)["encoding"] == "raw", path
+
+
+def test_a_named_budget_is_written_as_the_jobs_budget_and_custom_as_iterations(
+    tmp_path, scene_with_cases
+):
+    """A GPU user's job must get the GPU schedule: a named budget sends no iterations."""
+    scene, pairs, unlabeled = scene_with_cases
+    written = {}
+    for preset in ("thorough", "custom"):
+        options = TrainingOptions(method="supervised", preset=preset, iterations=42)
+        JobExporter(scene, tmp_path / preset).export(pairs, [unlabeled], None, options)
+        written[preset] = json.loads((tmp_path / preset / JOB_FILE_NAME).read_text())
+    assert written["thorough"]["budget"] == "thorough"
+    assert "iterations" not in written["thorough"]["settings"]
+    assert written["thorough"]["plan"] is True
+    assert written["custom"]["settings"]["iterations"] == 42
+    assert written["custom"]["budget"] == DEFAULT_BUDGET
+
+
+def file_geometry(path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetSize(), reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection()
 
 
 def test_labelmap_volumes_can_be_the_labels(tmp_path):
-    slicer = pytest.importorskip("slicer")
     scene = newScene()
     image, label = hippocampusCase("001")
     volume = mrml_io.readVolumeNode(scene, image, "vol")
-    labelmap = mrml_io.readVolumeNode(scene, label, "lab", labelmap=True)
-    colours = slicer.vtkMRMLColorTableNode()
-    colours.SetTypeToUser()
-    colours.SetNumberOfColors(3)
-    colours.SetColor(0, "background", 0, 0, 0, 0)
-    colours.SetColor(1, "Posterior", 0, 0, 1, 1)  # names in another value order
-    colours.SetColor(2, "Anterior", 1, 0, 0, 1)
-    scene.AddNode(colours)
-    labelmap.GetDisplayNode().SetAndObserveColorNodeID(colours.GetID())
+    truth = labelArray(label)
+    # names in another value order than the segmentations': 1 Posterior, 2 Anterior
+    labelmap = labelmapNode(
+        scene, np.where(truth > 0, 3 - truth, 0), ijkToRas(volume), ["Posterior", "Anterior"]
+    )
     job, table = JobExporter(scene, tmp_path / "job").export(
         [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
     )
     assert table.names == ["Posterior", "Anterior"]
-    assert table.colours["Anterior"] == (1.0, 0.0, 0.0)
+    assert table.colours["Anterior"] == (0.0, 0.0, 1.0)
     exported = labelArray(tmp_path / "job" / job.labeled[0].label)
-    np.testing.assert_array_equal(exported, labelArray(label))
+    np.testing.assert_array_equal(exported, np.where(truth > 0, 3 - truth, 0))
+
+
+def test_a_labelmap_on_another_grid_is_resampled_to_its_volume(tmp_path):
+    """A labelmap with another extent, origin and axis direction than its volume (padded and
+    flipped left-right) is written voxel for voxel in the volume's grid."""
+    scene = newScene()
+    image, label = hippocampusCase("001")
+    volume = mrml_io.readVolumeNode(scene, image, "vol")
+    truth = labelArray(label)
+    pad_k, pad_j, pad_i = 3, 4, 5
+    padded = np.pad(truth, ((pad_k, pad_k), (pad_j, pad_j), (pad_i, pad_i)))[:, :, ::-1]
+    columns = truth.shape[2]
+    to_original = np.array(  # the new grid's ijk -> the volume's ijk
+        [[-1, 0, 0, columns + pad_i - 1], [0, 1, 0, -pad_j], [0, 0, 1, -pad_k], [0, 0, 0, 1]],
+        dtype=float,
+    )
+    labelmap = labelmapNode(
+        scene, padded, ijkToRas(volume) @ to_original, list(CLASS_NAMES), "other grid"
+    )
+    before = nodeIds(scene)
+    job, _table = JobExporter(scene, tmp_path / "job").export(
+        [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
+    )
+    assert nodeIds(scene) == before
+    image_file = tmp_path / "job" / job.labeled[0].image
+    label_file = tmp_path / "job" / job.labeled[0].label
+    assert file_geometry(label_file) == file_geometry(image_file)
+    np.testing.assert_array_equal(labelArray(label_file), truth)
+
+
+ROTATE_AND_SHIFT = np.array(  # 90 degrees about S, then 10 mm right, 5 mm posterior, 3 mm up
+    [[0, -1, 0, 10], [1, 0, 0, -5], [0, 0, 1, 3], [0, 0, 0, 1]], dtype=float
+)
+
+
+@pytest.mark.parametrize("transformed", ["volume", "labelmap"])
+def test_labels_follow_the_transform_their_volume_is_under(tmp_path, transformed):
+    """One node is under a linear transform, the other was drawn where the user sees it (the
+    same transform hardened into its grid): the labels are written in the volume's own grid."""
+    slicer = pytest.importorskip("slicer")
+    scene = newScene()
+    image, label = hippocampusCase("001")
+    volume = mrml_io.readVolumeNode(scene, image, "vol")
+    truth = labelArray(label)
+    local = ijkToRas(volume)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(ROTATE_AND_SHIFT))
+    if transformed == "volume":
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+        labelmap = labelmapNode(scene, truth, ROTATE_AND_SHIFT @ local, list(CLASS_NAMES))
+    else:
+        volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ROTATE_AND_SHIFT @ local))
+        labelmap = labelmapNode(scene, truth, local, list(CLASS_NAMES))
+        labelmap.SetAndObserveTransformNodeID(transform.GetID())
+    job, _table = JobExporter(scene, tmp_path / "job").export(
+        [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
+    )
+    image_file = tmp_path / "job" / job.labeled[0].image
+    label_file = tmp_path / "job" / job.labeled[0].label
+    assert file_geometry(label_file) == file_geometry(image_file)
+    np.testing.assert_array_equal(labelArray(label_file), truth)
+
+
+def test_a_labelmap_outside_its_volume_is_an_error_naming_both(tmp_path):
+    scene = newScene()
+    image, label = hippocampusCase("001")
+    volume = mrml_io.readVolumeNode(scene, image, "vol")
+    far_away = ijkToRas(volume) @ np.array(
+        [[1, 0, 0, 500], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float
+    )
+    labelmap = labelmapNode(scene, labelArray(label), far_away, list(CLASS_NAMES), "elsewhere")
+    with pytest.raises(mrml_io.SceneDataError, match="elsewhere: no label lies inside volume vol"):
+        JobExporter(scene, tmp_path / "job").export(
+            [LabeledPair(volume, labelmap)], options=TrainingOptions(method="supervised")
+        )
 
 
 def test_mismatched_segment_names_name_the_case(tmp_path, scene_with_cases):

@@ -7,21 +7,37 @@ What this cannot check is how Slicer itself connects the widgets; test_slicer_ui
 the .ui side, and the in-Slicer tests (SemiSupSegTest, Testing/Python) run the panel."""
 
 import importlib.util
+import io
 import json
+import os
 import pathlib
 import sys
 import types
 import typing
+import unittest
+import xml.etree.ElementTree as ET
+from unittest import mock
 
 import pytest
 
 from SemiSupSegLib import mrml_io
+from SemiSupSegLib.dependencies import ProbeResult
+from SemiSupSegLib.protocol import encode_event, make_event
 from slicer_side_helpers import (
     CLASS_NAMES,
+    MODULE_DIR,
     MODULE_FILE,
+    UI_FILE,
+    FakeProcess,
     hippocampusCase,
+    ijkToRas,
+    labelArray,
+    labelmapNode,
+    loadPanel,
     newScene,
     nodeIds,
+    panelWidgets,
+    planEventLine,
     segmentationFromLabelFile,
 )
 
@@ -47,6 +63,13 @@ def _stub_parameter_node_wrapper(cls):
     return type(cls.__name__, (), {"__init__": __init__, "__doc__": cls.__doc__})
 
 
+class StartupEnvironment(dict):
+    """What slicer.util.startupEnvironment reads from slicer.app (a QProcessEnvironment)."""
+
+    def value(self, key):
+        return self[key]
+
+
 class _Validator:
     def __init__(self, *args):
         self.args = args
@@ -65,13 +88,14 @@ def module(monkeypatch, tmp_path):
         def getParameterNode(self):
             return scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
 
-    for name in (
-        "ScriptedLoadableModule",
-        "ScriptedLoadableModuleWidget",
-        "ScriptedLoadableModuleTest",
-    ):
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
         setattr(base, name, type(name, (), {}))
     base.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    base.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
@@ -82,6 +106,7 @@ def module(monkeypatch, tmp_path):
         defaultScenePath=str(tmp_path / "scenes"),
         processEvents=lambda: None,
         layoutManager=lambda: None,  # no views to fit
+        startupEnvironment=lambda: StartupEnvironment(os.environ),
     )
     for name, stub in (
         ("qt", types.ModuleType("qt")),
@@ -156,6 +181,52 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
     assert scratch["init_from"] is None
     assert scratch["settings"]["iterations"] == logic.trainingOptions(p).totalIterations()
 
+    # a fast round after a named budget: a fifth of its iterations on the device found
+    p.fastRetrain, p.preset, p.device = True, "quick", "auto"
+    retrain = {}
+    for machine, devices in (("gpu", [A100]), ("cpu", [])):
+        logic.dependencyProbe = probeAnswer(devices)
+        retrain[machine] = json.loads(logic.exportRetrainJob(p).read_text())
+    assert retrain["gpu"]["settings"]["iterations"] == 400  # a fifth of quick's 2000 on a GPU
+    assert retrain["cpu"]["settings"]["iterations"] == 100  # a fifth of quick's 500 on a CPU
+    assert retrain["cpu"]["budget"] == retrain["gpu"]["budget"] == "quick"
+
+
+A100 = {"name": "NVIDIA A100", "memory_gb": 80.0}
+
+
+def probeAnswer(cudaDevices):
+    """The dependency probe's answer (the probe runs in a child process: its output is the
+    boundary) on a machine with these CUDA GPUs."""
+    torch = {"installed": True, "version": "2.5.1", "cuda_devices": cudaDevices, "mps": False}
+    return ProbeResult(python=sys.executable, version="3.9.10", torch=torch)
+
+
+def test_a_named_budget_shows_the_detected_devices_iterations_and_sends_its_name(module, tmp_path):
+    """The spin box shows a named budget's iterations on the device the panel found; the job
+    sends the budget's name, so that the backend runs the schedule of the device it gets."""
+    semisupseg, scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    assert (p.preset, logic.budgetIterations(p)) == ("standard", 1500)  # not checked yet: CPU
+    logic.dependencyProbe = probeAnswer([A100])
+    assert logic.budgetIterations(p) == 6000
+    p.device = "cpu"  # the GPU is there, the user trains on the CPU
+    assert logic.budgetIterations(p) == 1500
+    p.device = "auto"
+    p.preset, p.iterations = "custom", 7
+    assert logic.budgetIterations(p) == 7
+
+    volumes = [
+        mrml_io.readVolumeNode(scene, hippocampusCase(n)[0], f"hc{n}") for n in ("001", "004")
+    ]
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volumes[0], "hc001 l")
+    logic.setLabeledNodePairs(p, [(volumes[0], labels)])
+    p.unlabeledVolumes, p.method, p.preset = volumes[1:], "supervised", "quick"
+    p.outputFolder = tmp_path / "out"
+    job = json.loads(logic.exportJob(p).read_text())  # a GPU was found: still no iterations
+    assert job["budget"] == "quick" and "iterations" not in job["settings"]
+
 
 def test_an_external_python_must_be_chosen(module, tmp_path):
     semisupseg, _scene = module
@@ -169,3 +240,283 @@ def test_an_external_python_must_be_chosen(module, tmp_path):
     assert logic.requirements(p) == ["torch>=2.1", "monai>=1.4", "timm>=1.0", "einops>=0.6"]
     p.useExternalPython = True  # another Python may lack what Slicer ships
     assert logic.requirements(p)[-3:] == ["numpy>=1.24", "SimpleITK>=2.2", "scipy>=1.10"]
+
+
+def test_the_class_table_is_computed_again_only_when_the_labels_change(module, monkeypatch):
+    """The panel asks for the classes on every parameter change (each keystroke and slider
+    tick); reading every labelmap's voxels each time made the panel sluggish."""
+    semisupseg, scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    image, label = hippocampusCase("001")
+    first = mrml_io.readVolumeNode(scene, image, "first")
+    second = mrml_io.readVolumeNode(scene, hippocampusCase("003")[0], "second")
+    truth = labelArray(label)
+    labelmap = labelmapNode(scene, truth, ijkToRas(first), list(CLASS_NAMES))
+    segmentation = segmentationFromLabelFile(
+        scene, hippocampusCase("003")[1], second, "second labels"
+    )
+    reads = []
+    labelmapClasses = mrml_io.labelmapClasses
+    monkeypatch.setattr(
+        mrml_io, "labelmapClasses", lambda node: reads.append(node) or labelmapClasses(node)
+    )
+    logic.setLabeledNodePairs(p, [(first, labelmap), (second, segmentation)])
+    answer = ("Classes: 1 Anterior, 2 Posterior", True)
+    assert logic.describeClasses(p) == answer
+    computed = len(reads)
+    assert computed > 0
+    for iterations in range(10, 20):  # what updateGui does while the user types
+        p.iterations = iterations
+        assert logic.describeClasses(p) == answer
+    assert len(reads) == computed
+
+    segmentation.GetSegmentation().GetNthSegment(1).SetName("Tail")  # renamed in the editor
+    text, ok = logic.describeClasses(p)
+    assert not ok and "'second labels' has different segment names" in text
+    segmentation.GetSegmentation().GetNthSegment(1).SetName("Posterior")
+    assert logic.describeClasses(p) == answer
+
+    painted = slicer_util().arrayFromVolume(labelmap)
+    painted[painted == 2] = 3  # painted with a value the colour table does not name
+    slicer_util().arrayFromVolumeModified(labelmap)
+    text, ok = logic.describeClasses(p)
+    assert not ok and "every labeled case has ['Anterior', 'label 3']" in text
+    logic.setLabeledNodePairs(p, [(second, segmentation)])
+    assert logic.describeClasses(p) == answer
+
+
+def slicer_util():
+    import slicer
+
+    return slicer.util
+
+
+def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(module, tmp_path):
+    semisupseg, scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    # what the widget's onSceneStartClose does
+    tag = scene.AddObserver(scene.StartCloseEvent, lambda *args: logic.onSceneStartClose())
+    p = logic.getParameterNode()
+    volumes = [
+        mrml_io.readVolumeNode(scene, hippocampusCase(n)[0], f"hc{n}")
+        for n in ("001", "003", "004")
+    ]
+    segmentations = [
+        segmentationFromLabelFile(scene, hippocampusCase(n)[1], v, f"hc{n} labels")
+        for n, v in zip(("001", "003"), volumes)
+    ]
+    logic.setLabeledNodePairs(p, list(zip(volumes[:2], segmentations)))
+    p.unlabeledVolumes = volumes[2:]
+    p.method, p.preset, p.iterations, p.device = "supervised", "custom", 3, "cpu"
+    p.extraSettings = "batch_size=1, checkpoint_every=0"
+    p.outputFolder = tmp_path / "out"
+    assert logic.run(p, wait=True, timeout=300).succeeded
+    logic.showCase(p, "hc004")
+    second = logic.run(p)  # still running when the user closes the scene
+    assert logic.running
+
+    scene.Clear(False)
+    assert logic.currentCase is None
+    # nothing keeps the closed scene's nodes (and their voxels) alive
+    assert not logic.workflow.loaded and not logic.workflow.sourceVolumes
+    assert not second.finished
+    fresh = logic.getParameterNode()  # what the panel sets up after the close
+    assert logic.initialOutputFolder() == tmp_path / "out"
+    fresh.outputFolder = logic.initialOutputFolder()
+    assert logic.workflow.wait(timeout=300) and second.succeeded
+    rows = logic.reviewRows(fresh)
+    assert [(row.case, row.round) for row in rows] == [("hc004", 2)]
+    # Accept works without selecting the case again: it loads from the job's files
+    accepted = logic.acceptCase(fresh, "hc004")
+    assert pathlib.Path(accepted.label).is_file() and accepted.round == 2
+    loaded = logic.workflow.loadedCase("hc004")
+    assert loaded is not None and scene.IsNodePresent(loaded.volume)
+    assert loaded.volume is not volumes[2]  # the closed scene's node is not used
+    assert logic.initialOutputFolder() == logic.defaultOutputFolder()  # no job running
+    scene.RemoveObserver(tag)
+
+
+def executable(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_slicers_python_is_pythonslicer_not_the_application(module, tmp_path, monkeypatch):
+    """Inside Slicer sys.executable is the application (SlicerApp-real, Slicer.exe), which
+    cannot run ``-m SemiSupSegLib.backend``; PythonSlicer is on the PATH or next to it."""
+    semisupseg, _scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    application = executable(tmp_path / "Slicer-5.8" / "bin" / "SlicerApp-real")
+    monkeypatch.setattr(sys, "executable", str(application))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    with pytest.raises(FileNotFoundError, match="neither on the PATH nor next to .*SlicerApp-real"):
+        logic.pythonExecutable(p)
+    beside = executable(application.with_name("PythonSlicer"))
+    assert logic.pythonExecutable(p) == str(beside)
+    on_path = executable(tmp_path / "launchers" / "PythonSlicer")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert logic.pythonExecutable(p) == str(on_path)  # where Slicer puts it: first choice
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    monkeypatch.setattr(sys, "executable", "/opt/conda/bin/python3.11")
+    assert logic.pythonExecutable(p) == "/opt/conda/bin/python3.11"  # scripts and tests
+
+
+def path_fields_with_history():
+    """The ctkPathLineEdit widgets of the .ui that keep a history (a settingKey)."""
+    root = ET.parse(UI_FILE).getroot()
+    return sorted(
+        widget.get("name")
+        for widget in root.iter("widget")
+        if widget.get("class") == "ctkPathLineEdit"
+        and widget.find("property[@name='settingKey']") is not None
+    )
+
+
+def test_starting_a_job_adds_its_paths_to_the_fields_history(module, tmp_path):
+    """A settingKey alone does nothing: ctkPathLineEdit keeps a history only of the paths
+    given to addCurrentPathToHistory()."""
+    semisupseg, scene = module
+    FakeProcess.script, FakeProcess.returncode = [], 0
+    widget = object.__new__(semisupseg.SemiSupSegWidget)  # the panel without Qt: a fake .ui
+    widget.ui, widget.pollTimer = mock.MagicMock(), mock.MagicMock()
+    widget.updateGui = lambda *args: None
+    widget.logic = semisupseg.SemiSupSegLogic(processFactory=FakeProcess)
+    widget._parameterNode = p = widget.logic.getParameterNode()
+    volume = mrml_io.readVolumeNode(scene, hippocampusCase("001")[0], "hc001")
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volume, "hc001 labels")
+    widget.logic.setLabeledNodePairs(p, [(volume, labels)])
+    p.outputFolder, p.method = tmp_path / "out", "supervised"
+    p.useExternalPython, p.externalPython = True, pathlib.Path(sys.executable)
+
+    widget._start(widget.logic.exportJob(p))
+    fields = path_fields_with_history()
+    assert len(fields) == 3
+    for name in fields:
+        getattr(widget.ui, name).addCurrentPathToHistory.assert_called_once_with()
+
+
+def test_a_plan_event_fills_the_plan_line_and_the_log(module, tmp_path):
+    """The panel (the real .ui in PySide6, offscreen) polling a job whose backend sends its
+    plan: the line under Time budget gives the plan, the log its table."""
+    semisupseg, scene = module
+    values = {
+        "target_spacing": [1.25, 1.25, 1.25],
+        "patch_size": [56, 40, 24],
+        "batch_size": 4,
+        "iterations": 1500,
+    }
+    plan = planEventLine(values, overrides={"batch_size": 2})  # batch_size=2 under Advanced
+    FakeProcess.script = [
+        encode_event(make_event("stage", stage="validation", message="checking 1 case")),
+        plan,
+        encode_event(make_event("start", stage="training", total=1500)),
+        encode_event(make_event("progress", stage="training", iteration=1, total=1500)),
+    ]
+    FakeProcess.returncode = 0
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.ui, widget.pollTimer = panelWidgets(loadPanel()), mock.MagicMock()
+    widget.updateGui = lambda *args: None
+    # CTK's path fields load as plain QWidgets here (their history is tested above)
+    widget._rememberPathsOfThisJob = lambda: None
+    widget.logic = semisupseg.SemiSupSegLogic(processFactory=FakeProcess)
+    widget._parameterNode = p = widget.logic.getParameterNode()
+    volume = mrml_io.readVolumeNode(scene, hippocampusCase("001")[0], "hc001")
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volume, "hc001 labels")
+    widget.logic.setLabeledNodePairs(p, [(volume, labels)])
+    p.outputFolder, p.method, p.extraSettings = tmp_path / "out", "supervised", "batch_size=2"
+
+    widget.ui.planLabel.setText("Plan (cuda): the last job's")
+    widget._start(widget.logic.exportJob(p))
+    assert (
+        widget.ui.planLabel.text()
+        == "Plan: made from your data and the device when training starts."
+    )
+    widget.onPollTimer()  # the validation stage and the plan
+    assert widget.ui.planLabel.text() == (
+        "Plan (cpu): 1.25 mm, patch 56x40x24, batch 2, 1500 iterations; "
+        "1 setting of yours (batch_size)"
+    )
+    table = json.loads(plan)["message"]
+    assert widget.ui.planLabel.toolTip() == table
+    log = widget.ui.logTextEdit.toPlainText().splitlines()
+    assert (
+        log[-len(table.splitlines()) :]
+        == ["[Planning] " + table.splitlines()[0]] + (table.splitlines()[1:])
+    )
+    assert any(row.split()[:2] == ["batch_size", "2"] and "set by you" in row for row in log)
+    widget.onPollTimer()  # training starts: the plan stays
+    assert widget.ui.planLabel.text().startswith("Plan (cpu): 1.25 mm")
+    widget.logic.shutdown()
+
+
+def test_reload_reads_the_library_again(module, monkeypatch):
+    """Developer mode's Reload: Slicer executes SemiSupSeg.py again (reloadScriptedModule);
+    the SemiSupSegLib modules it imports must be read again too."""
+    semisupseg, _scene = module
+    reloaded = []
+
+    def reloadScriptedModule(widget):  # what slicer.util.reloadScriptedModule does
+        spec = importlib.util.spec_from_file_location("SemiSupSeg", MODULE_FILE)
+        fresh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh)
+        reloaded.append(fresh)
+
+    monkeypatch.setattr(
+        semisupseg.ScriptedLoadableModuleWidget, "onReload", reloadScriptedModule, raising=False
+    )
+    for name in [n for n in sys.modules if n.split(".")[0] == "SemiSupSegLib"]:
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # restored after the test
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.onReload()
+    (fresh,) = reloaded
+    assert fresh.mrml_io is not mrml_io
+    assert fresh.mrml_io.__file__ == mrml_io.__file__
+    assert fresh.JobExporter is sys.modules["SemiSupSegLib.job_export"].JobExporter
+    assert fresh.JobExporter is not semisupseg.JobExporter
+
+
+def in_slicer_tests(semisupseg, monkeypatch):
+    """The tests ctest runs inside Slicer: SemiSupSegTest and SemiSupSegModuleTest."""
+    monkeypatch.setitem(sys.modules, "SemiSupSeg", semisupseg)
+    path = MODULE_DIR / "Testing" / "Python" / "SemiSupSegModuleTest.py"
+    spec = importlib.util.spec_from_file_location("SemiSupSegModuleTest", path)
+    module_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module_test)
+    return [semisupseg.SemiSupSegTest("runTest"), module_test.SemiSupSegModuleTest("runTest")]
+
+
+def run_like_ctest(tests):
+    """What slicer.testing.runUnitTest does: the run fails unless the result is successful."""
+    return unittest.TextTestRunner(stream=io.StringIO()).run(unittest.TestSuite(tests))
+
+
+def test_in_slicer_tests_skip_where_slicers_python_lacks_the_backend(module, monkeypatch, tmp_path):
+    semisupseg, _scene = module
+    tests = in_slicer_tests(semisupseg, monkeypatch)
+    importlib.import_module("SemiSupSegLib.sample_cases")  # before the packages disappear
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])  # a Python without torch, monai, timm
+    result = run_like_ctest(tests)
+    assert result.wasSuccessful(), result.errors + result.failures
+    assert len(result.skipped) == 2
+    for _test, reason in result.skipped:
+        assert "needs torch>=2.1, monai>=1.4, timm>=1.0, einops>=0.6 in Slicer's Python" in reason
+
+
+def test_in_slicer_tests_skip_where_mrhead_cannot_be_downloaded(module, monkeypatch):
+    semisupseg, _scene = module
+
+    def downloadSample(name):  # the network boundary
+        raise OSError("network is unreachable")
+
+    monkeypatch.setitem(
+        sys.modules, "SampleData", types.SimpleNamespace(downloadSample=downloadSample)
+    )
+    result = run_like_ctest(in_slicer_tests(semisupseg, monkeypatch))
+    assert result.wasSuccessful(), result.errors + result.failures
+    assert [reason for _test, reason in result.skipped] == [
+        "the MRHead sample could not be downloaded (network is unreachable)"
+    ] * 2

@@ -3,9 +3,15 @@
 import json
 
 from SemiSupSegLib.job_runner import JobRunner
-from SemiSupSegLib.progress import ProgressModel, describeEvent, formatSeconds
+from SemiSupSegLib.progress import (
+    PLAN_PENDING,
+    ProgressModel,
+    describeEvent,
+    formatSeconds,
+    planSummary,
+)
 from SemiSupSegLib.protocol import EXIT_CANCELLED, EXIT_FAILED, encode_event, make_event
-from slicer_side_helpers import FakeProcess
+from slicer_side_helpers import FakeProcess, planEventLine
 
 
 def line(kind, **fields):
@@ -109,6 +115,51 @@ def test_non_json_lines_go_to_the_log_and_the_log_is_capped():
     assert len(model.takeNewLogLines()) == 5
     model.addLog("x" * 5000)
     assert len(model.log[-1]) < 2100
+
+
+CPU_PLAN = {
+    "target_spacing": [1.25, 1.25, 1.25],
+    "patch_size": [56, 40, 24],
+    "batch_size": 4,
+    "network_options": {"channels": [16, 32, 64, 128], "strides": [[2, 2, 2]] * 3},
+    "iterations": 1500,
+}
+
+
+def test_a_plan_event_gives_the_plan_line_and_its_table_in_the_log():
+    model = ProgressModel()
+    assert model.plan is None and planSummary(model.plan) == PLAN_PENDING
+    model.feedLine(line("stage", stage="validation", message="checking 2 labeled case(s)"))
+    model.feedLine(planEventLine(CPU_PLAN, overrides={"batch_size": 2}))
+    assert planSummary(model.plan) == (
+        "Plan (cpu): 1.25 mm, patch 56x40x24, batch 2, 1500 iterations; "
+        "1 setting of yours (batch_size)"
+    )
+    assert model.planTable.startswith("plan for cpu (standard budget")
+    log = model.takeNewLogLines()
+    # the table, a log line per row: the planned values and the one set by you
+    assert log[1] == "[Planning] plan for cpu (standard budget, about 0.3 GiB per training step):"
+    rows = {entry.split()[0]: entry.split()[1:] for entry in log[2:]}
+    assert list(rows) == list(CPU_PLAN)
+    assert rows["batch_size"] == ["2", "set", "by", "you"]
+    assert rows["patch_size"] == ["56x40x24", "planned", "for", "cpu"]
+    assert model.statusText() == "Checking data"  # a plan does not move the progress bar
+
+
+def test_the_plan_line_of_a_gpu_plan_and_of_your_settings():
+    values = {**CPU_PLAN, "target_spacing": [0.7, 0.7, 2.5], "batch_size": 5, "iterations": 6000}
+    model = ProgressModel()
+    model.feedLine(planEventLine(values, device="cuda", memoryGiB=7.2))
+    assert (
+        planSummary(model.plan)
+        == "Plan (cuda): 0.7x0.7x2.5 mm, patch 56x40x24, batch 5, 6000 iterations"
+    )
+    yours = {"iterations": 300, "target_spacing": None, "patch_size": [64, 64, 32]}
+    model.feedLine(planEventLine(values, overrides=yours, device="cuda"))
+    assert planSummary(model.plan) == (
+        "Plan (cuda): native spacing, patch 64x64x32, batch 5, 300 iterations; "
+        "3 settings of yours (iterations, target_spacing, patch_size)"
+    )
 
 
 def test_describe_event():

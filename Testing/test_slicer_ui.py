@@ -3,6 +3,7 @@ every parameter-node field is bound to a widget of a class Slicer's parameterNod
 connect, and the rendered panel shows the Data, Training, Run and Review sections."""
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,15 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from slicer_side_helpers import MODULE_DIR, MODULE_FILE, REPO, UI_FILE
+from slicer_side_helpers import (
+    MODULE_DIR,
+    MODULE_FILE,
+    REPO,
+    TINY_SETTINGS,
+    UI_FILE,
+    hippocampusDir,
+    loadPanel,
+)
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 QtWidgets = pytest.importorskip("PySide6.QtWidgets")
@@ -35,19 +44,8 @@ CONNECTABLE = {
 
 
 @pytest.fixture(scope="module")
-def app():
-    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
-
-
-@pytest.fixture(scope="module")
-def panel(app):
-    loader = QtUiTools.QUiLoader()
-    handle = QtCore.QFile(str(UI_FILE))
-    assert handle.open(QtCore.QFile.ReadOnly)
-    widget = loader.load(handle)
-    handle.close()
-    assert widget is not None, loader.errorString()
-    return widget
+def panel():
+    return loadPanel()
 
 
 def ui_classes():
@@ -133,21 +131,56 @@ def test_sections_and_scene_connections():
     assert custom <= declared
 
 
-def test_rendered_panel_picture(tmp_path):
-    output = tmp_path / "panel.png"
+def run_script(name, *args):
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "render_panel.py"), str(output)],
+        [sys.executable, str(REPO / "scripts" / name)] + [str(a) for a in args],
         capture_output=True,
         text=True,
-        timeout=120,
-        env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+        timeout=600,
+        env={**os.environ, "QT_QPA_PLATFORM": "offscreen", "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def real_session(tmp_path_factory):
+    """What scripts/screenshot_session.py makes for the README pictures, tiny: two real rounds
+    (train and predict, accept the most uncertain case, retrain) on hippocampus cases."""
+    hippocampusDir()
+    folder = tmp_path_factory.mktemp("session")
+    settings = json.dumps({k: v for k, v in TINY_SETTINGS.items() if k != "iterations"})
+    run_script(
+        "screenshot_session.py",
+        folder,
+        "--labeled=2",
+        "--unlabeled=2",
+        "--method=supervised",
+        f"--iterations={TINY_SETTINGS['iterations']}",
+        f"--settings={settings}",
+    )
+    return folder
+
+
+def test_rendered_panel_picture(real_session, tmp_path):
+    output = tmp_path / "panel.png"
+    run_script("render_panel.py", real_session, output)
     from PySide6.QtGui import QImage
 
     image = QImage(str(output))
     assert image.width() >= 400 and image.height() >= 800
     assert not QImage(str(REPO / "Resources" / "Screenshots" / "panel.png")).isNull()
+
+
+def test_rendered_review_picture(real_session, tmp_path):
+    output = tmp_path / "review.png"
+    result = run_script("render_review.py", real_session, output)
+    from PySide6.QtGui import QImage
+
+    image = QImage(str(output))
+    assert image.width() >= 600 and image.height() >= 300
+    assert "wrote" in result.stdout
+    assert not QImage(str(REPO / "Resources" / "Screenshots" / "review.png")).isNull()
 
 
 def test_icons():

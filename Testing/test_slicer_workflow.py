@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from SemiSupSegLib import mrml_io
-from SemiSupSegLib.job_export import LabeledPair
+from SemiSupSegLib.job_export import ExportCancelled, LabeledPair
 from SemiSupSegLib.protocol import JobSpec
 from SemiSupSegLib.scene_import import ROLE_PSEUDO_MASK, findCaseNode
 from SemiSupSegLib.training_options import TrainingOptions
@@ -127,6 +127,25 @@ def test_a_whole_round_with_the_real_backend(tmp_path):
     assert scratch.init_from is None
     assert scratch.settings["iterations"] == OPTIONS.totalIterations()
     assert [c.name for c in scratch.labeled] == ["case001", "case003", "case004"]
+
+
+def test_a_cancelled_export_leaves_no_round_behind(tmp_path):
+    scene, pairs, unlabeled = build_scene()
+    workflow = Workflow(scene, tmp_path / "session", python=sys.executable)
+    before = nodeIds(scene)
+    seen = []
+
+    def progress(done, total, what):
+        seen.append(what)
+        if done == 2:
+            raise ExportCancelled("stopped by the user")
+
+    with pytest.raises(ExportCancelled):
+        workflow.exportJob(pairs, [unlabeled], None, OPTIONS, progress=progress)
+    assert seen == ["image of case001", "labels of case001", "image of case003"]
+    assert not (tmp_path / "session" / "round-001").exists()
+    assert workflow.session.rounds == [] and nodeIds(scene) == before
+    assert workflow.exportJob(pairs, [unlabeled], None, OPTIONS).parent.name == "round-001"
 
 
 def test_cancel_leaves_the_scene_untouched(tmp_path):

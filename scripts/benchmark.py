@@ -1,17 +1,30 @@
 #!/usr/bin/env python3
 """The benchmark every method is measured on, through the public command line.
 
-MSD Hippocampus (the 200 shared labeled cases), the fixed split of
-``SemiSupSegLib.backend.splits.benchmark_split`` (seed 0): 160 training and 40 test cases.
-Labeled subsets of 4, 8 and 16 training cases (nested); the other training cases are given to
-the semi-supervised methods as images only; the 40 test cases are excluded from training
-altogether (``--exclude``). Every method gets the same network and iteration budget.
+Two datasets (``--dataset``):
+
+- ``hippocampus``: MSD Hippocampus (the 200 shared labeled cases), the fixed split of
+  ``SemiSupSegLib.backend.splits.benchmark_split`` (seed 0): 160 training and 40 test cases.
+- ``la``: the 2018 Left Atrium challenge as UA-MT distributes it (convert it first with
+  ``scripts/convert_left_atrium.py``): the 80 cases of ``train.list`` and the 20 of
+  ``test.list``, labeled subsets the first 8 or 16 of ``train.list`` as the papers use.
+
+Labeled subsets are nested (4 within 8 within 16); the other training cases are given to the
+semi-supervised methods as images only. The validation protocol (``--score val`` or
+``--score test``) holds ``VALIDATION_CASES`` training cases out of both pools, drawn with seed 0
+from those after the first 16; settings are chosen by their scores on those (``--score val``),
+and a final configuration is scored once on the test cases (``--score test``). Test and
+validation cases never reach training (``--exclude``). Every method gets the same network and
+iteration budget; the settings are planned from the data (``--plan off``: the fixed preset).
+Results stored before the protocol (no ``scored_on``) trained on all 160 hippocampus training
+cases and are kept as they were.
 
 Each run is three subprocesses (train, predict, evaluate), so wall time and peak memory (of
 the training process, from ``os.wait4``) are measured per run. Results accumulate in
 ``docs/benchmark-results.json``; ``docs/benchmarks.md`` and ``docs/benchmarks.png`` are
 regenerated from all results each time.
 
+    python scripts/benchmark.py --dataset la --methods supervised mn --labels 8 --score val
     python scripts/benchmark.py --methods supervised --labels 4 8 16 160 --seeds 0
     python scripts/benchmark.py --report-only
 """
@@ -30,9 +43,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SemiSupSeg"))
 
-from SemiSupSegLib.backend.splits import benchmark_split  # noqa: E402
+from SemiSupSegLib.backend.splits import Split, benchmark_split  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
+DATASETS = {
+    "hippocampus": {
+        "data": os.environ.get("SEMISUPSEG_DATA", str(ROOT.parent / "shared" / "data" / "msd-hippocampus")),
+        "validation": 20,
+        "key": "",
+    },
+    "la": {
+        "data": os.environ.get("SEMISUPSEG_LA", str(ROOT.parent / "data" / "LA")),
+        "validation": 10,
+        "key": "la-",
+    },
+}  # fmt: skip
+#: UA-MT's and the V-Net baseline's schedule on Left Atrium (Yu et al., MICCAI 2019): SGD there,
+#: the product's optimiser here; the same patches, batch, resolution and iterations.
+PUBLISHED_SCHEDULE = ["patch_size=112x112x80", "batch_size=4", "target_spacing=0.625,0.625,0.625"]
 RESULTS = ROOT / "docs" / "benchmark-results.json"
 REPORT = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
@@ -73,15 +100,40 @@ def training_rate(events_path: Path) -> float | None:
     return iterations / seconds if seconds > 0 else None
 
 
-def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int) -> dict:
-    key = f"{method}-L{labels}-s{seed}-{args.network}-it{args.iterations}"
+def dataset_split(name: str, data: Path, hold_validation: bool) -> Split:
+    """The dataset's fixed training/test split, with its validation cases held out if asked."""
+    if not (data / "labelsTr").is_dir():
+        hint = " (make it with scripts/convert_left_atrium.py)" if name == "la" else ""
+        raise SystemExit(f"{data}: no labelsTr/ folder; --data names the dataset{hint}")
+    if name == "la":
+        lists = [(data / f).read_text().split() for f in ("train.list", "test.list")]
+        split = Split(train=lists[0], test=lists[1])
+    else:
+        names = sorted(p.name[: -len(".nii.gz")] for p in (data / "labelsTr").glob("*.nii.gz"))
+        split = benchmark_split(names)
+    return split.with_validation(DATASETS[name]["validation"]) if hold_validation else split
+
+
+def run_key(args: argparse.Namespace, method: str, labels: int, seed: int) -> str:
+    """The run's name: results and work folders are kept by it."""
+    key = f"{DATASETS[args.dataset]['key']}{method}-L{labels}-s{seed}-{args.network}"
+    key += f"-it{args.iterations}"
     if args.variant:
         key += f"-{args.variant}"
+    if args.score:
+        key += f"-{args.score}"
+    return key
+
+
+def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int) -> dict:
+    key = run_key(args, method, labels, seed)
     work = Path(args.work) / key
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     (work / "labeled.txt").write_text("\n".join(split.labeled(labels)) + "\n")
-    (work / "test.txt").write_text("\n".join(split.test) + "\n")
+    scored = split.validation if args.score == "val" else split.test
+    held_out = split.test + (split.validation if args.score else [])
+    (work / "test.txt").write_text("\n".join(held_out) + "\n")
     cli = [sys.executable, "-m", "SemiSupSegLib.backend"]
     events = work / "events.jsonl"
     # A finished training (final model and its time recorded) is reused; an interrupted one
@@ -105,6 +157,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
             "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
             "--out", str(work / "run"), "--events", str(events), "--quiet",
         ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
+        train += ["--plan", args.plan]
         if args.init_from and not resume:
             train += ["--init-from", str(Path(args.work) / args.init_from / "run")]
         status, seconds, peak_mib, cpu_seconds = run_command(train, log, args.threads)
@@ -119,7 +172,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
             if model.exists():
                 model.unlink()  # not a finished training: the next run resumes the checkpoint
             raise SystemExit(f"training failed ({status}); see {log}; run again to resume")
-    images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in split.test]
+    images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in scored]
     predict = cli + ["predict", "--run", str(work / "run"), "--input", *images,
                      "--out", str(work / "predictions"), "--device", args.device, "--quiet"]  # fmt: skip
     status, predict_seconds, _, _ = run_command(predict, log, args.threads)
@@ -131,8 +184,12 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     if status != 0:
         raise SystemExit(f"evaluation failed ({status}); see {log}")
     summary = json.loads((work / "evaluation" / "summary.json").read_text())
+    plan_file = work / "run" / "plan.json"
     return {
         "key": key,
+        "dataset": args.dataset,
+        "scored_on": {"val": "validation", "test": "test"}.get(args.score),
+        "plan": json.loads(plan_file.read_text())["values"] if plan_file.exists() else None,
         "method": method,
         "variant": args.variant,
         "labels": labels,
@@ -141,7 +198,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "iterations": args.iterations,
         "settings": list(args.set),
         "init_from": args.init_from,
-        "test_cases": len(split.test),
+        "test_cases": len(scored),
         "threads": args.threads,
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1) if cpu_seconds is not None else None,
@@ -205,7 +262,13 @@ def paired_lines(results: list) -> list:
 
 
 def mean_dice(result: dict) -> float:
-    return sum(class_stat(result["summary"], v, "dice") for v in CLASS_NAMES) / len(CLASS_NAMES)
+    return mean_stat(result["summary"], "dice")
+
+
+def mean_stat(summary: dict, metric: str) -> float:
+    """Mean of ``metric`` over the foreground classes of an evaluation summary."""
+    values = [class_stat(summary, value, metric) for value in summary["classes"]]
+    return sum(values) / len(values)
 
 
 def from_scratch_runs(results: list, method: str, labels: int, network: str) -> list:
@@ -411,13 +474,130 @@ def method_label(result: dict) -> str:
     return f"{result['method']} [{variant}]" if variant else result["method"]
 
 
-def write_report(results: list) -> None:
+def protocol_lines(results: list) -> list:
+    """Runs of the validation protocol, per dataset and the cases they were scored on: mean
+    over seeds with the range, every foreground metric averaged over classes."""
+    import numpy as np
+
+    lines = []
+    titles = {"la": "Left Atrium 2018", "hippocampus": "MSD Hippocampus"}
+    for dataset in ("la", "hippocampus"):
+        for scored_on in ("test", "validation"):
+            chosen = [
+                r for r in results if r.get("dataset") == dataset and r["scored_on"] == scored_on
+            ]
+            if not chosen:
+                continue
+            groups: dict = {}
+            for r in chosen:
+                key = (method_label(r), r["labels"], r["network"], r["iterations"])
+                groups.setdefault(key, []).append(r)
+            lines += [
+                f"## {titles[dataset]}, scored on the {chosen[0]['test_cases']} {scored_on} cases",
+                "",
+                "Mean over seeds (range over seeds where there are several; a single seed says "
+                "so). Dice and Jaccard in %, HD95 and ASD in mm, averaged over foreground classes; "
+                "training CPU-hours (user + system, one thread per run).",
+                "",
+                "| method | labeled | iterations | seeds | Dice | Jaccard | HD95 | ASD | train CPU-h | plan: spacing, patch, batch |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]  # fmt: skip
+            for (method, labels, _network, its), runs in sorted(groups.items()):
+
+                def cell(metric: str, scale: float, digits: int, runs: list = runs) -> str:
+                    values = [scale * mean_stat(r["summary"], metric) for r in runs]
+                    text = f"{np.mean(values):.{digits}f}"
+                    if len(values) > 1:
+                        text += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
+                    return text
+
+                cpu = [r["train_cpu_seconds"] / 3600 for r in runs if r.get("train_cpu_seconds")]
+                plan = runs[0].get("plan") or {}
+                plan_text = ", ".join(
+                    _format_plan_value(plan.get(k)) for k in ("target_spacing", "patch_size", "batch_size")
+                ) if plan else "preset"  # fmt: skip
+                seeds = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+                lines.append(
+                    f"| {method} | {labels} | {its} | {seeds} | {cell('dice', 100, 2)} | "
+                    f"{cell('iou', 100, 2)} | {cell('hd95_mm', 1, 2)} | {cell('asd_mm', 1, 2)} | "
+                    f"{np.mean(cpu):.2f} | {plan_text} |"
+                    if cpu
+                    else f"| {method} | {labels} | {its} | {seeds} | {cell('dice', 100, 2)} | "
+                    f"{cell('iou', 100, 2)} | {cell('hd95_mm', 1, 2)} | {cell('asd_mm', 1, 2)} | "
+                    f"n/a | {plan_text} |"
+                )
+            lines += protocol_paired_lines(chosen)
+            lines.append("")
+    return lines
+
+
+def protocol_paired_lines(results: list) -> list:
+    """Each method against supervised training on the same cases, budget and labeled set:
+    over cases (Wilcoxon signed-rank on the per-case Dice averaged over the seeds both have)
+    and over runs (paired t-test on the per-seed mean Dice, from 3 seeds)."""
+    from scipy import stats
+
+    def group_key(r: dict) -> tuple:
+        return (r["labels"], r["iterations"], r["network"])
+
+    supervised: dict = {}
+    for r in results:
+        if r["method"] == "supervised" and not r.get("variant") and r.get("case_dice"):
+            supervised.setdefault(group_key(r), {})[r["seed"]] = r
+    groups: dict = {}
+    for r in results:
+        if r.get("case_dice") and not (r["method"] == "supervised" and not r.get("variant")):
+            groups.setdefault((method_label(r),) + group_key(r), {})[r["seed"]] = r
+    rows = []
+    for (label, labels, its, network), runs in sorted(groups.items()):
+        base = supervised.get((labels, its, network), {})
+        seeds = sorted(set(runs) & set(base))
+        if not seeds:
+            continue
+        cases = sorted(
+            set.intersection(*(set(x[s]["case_dice"]) for x in (runs, base) for s in seeds))
+        )
+        diff = [
+            sum(runs[s]["case_dice"][c] - base[s]["case_dice"][c] for s in seeds) / len(seeds)
+            for c in cases
+        ]
+        per_seed = [mean_dice(runs[s]) - mean_dice(base[s]) for s in seeds]
+        p_cases = stats.wilcoxon(diff).pvalue if any(diff) else 1.0
+        p_runs = f"{stats.ttest_rel([mean_dice(runs[s]) for s in seeds], [mean_dice(base[s]) for s in seeds]).pvalue:.2g}" if len(seeds) >= 3 else "n/a (fewer than 3 seeds)"  # fmt: skip
+        rows.append(
+            f"| {label} | {labels} | {its} | {', '.join(map(str, seeds))} | "
+            f"{100 * sum(per_seed) / len(per_seed):+.2f} | "
+            + ", ".join(f"{100 * d:+.2f}" for d in per_seed)
+            + f" | {sum(d > 0 for d in diff)}/{len(cases)} | {p_cases:.2g} | {p_runs} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Against `supervised` on the same labeled cases, budget and seeds: Dice difference in "
+        "points (mean and per seed), cases better (per-case Dice averaged over seeds), Wilcoxon "
+        "p over cases, paired t-test p over runs.",
+        "",
+        "| method | labeled | iterations | seeds | Δ Dice | Δ per seed | cases better | p cases | p runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]  # fmt: skip
+
+
+def _format_plan_value(value) -> str:
+    if isinstance(value, list):
+        return "x".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def write_report(all_results: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    results = [r for r in all_results if not r.get("scored_on")]
     groups: dict = {}
     for r in results:
         groups.setdefault((method_label(r), r["labels"], r["network"], r["iterations"]), []).append(
@@ -434,6 +614,15 @@ def write_report(results: list) -> None:
 
     lines = [
         "# Benchmarks",
+        "",
+        "Settings are chosen on validation cases held out of training; test cases score a",
+        "final configuration once (`scripts/benchmark.py`, its docstring says how).",
+        "",
+        *protocol_lines(all_results),
+        "## MSD Hippocampus, earlier protocol",
+        "",
+        "These runs predate the validation protocol: their defaults were chosen by scores on",
+        "the same test cases, so read them as development history, not as held-out results.",
         "",
         "MSD Hippocampus (200 shared labeled cases), fixed split (seed 0): 160 training and 40",
         "test cases. Labeled subsets of 4, 8 and 16 training cases (nested); the other training",
@@ -495,7 +684,7 @@ def write_report(results: list) -> None:
         "",
         "```",
     ]
-    lines += sorted({r["command"].replace(sys.executable, "python") for r in results})
+    lines += sorted({r["command"].replace(sys.executable, "python") for r in all_results})
     lines += ["```", ""]
     REPORT.write_text("\n".join(lines))
 
@@ -544,12 +733,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default=os.environ.get("SEMISUPSEG_DATA", str(DEFAULT_DATA)))
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="hippocampus")
+    parser.add_argument("--data", help="the dataset's folder (default: per --dataset)")
+    parser.add_argument(
+        "--score",
+        choices=["val", "test", ""],
+        default="",
+        help="validation protocol: hold the validation cases out and score on them (val: for "
+        "choosing settings) or on the test cases (test: a final configuration, once); empty: "
+        "the earlier protocol (hippocampus only; no validation cases held out)",
+    )
+    parser.add_argument(
+        "--plan",
+        choices=["auto", "off"],
+        help="passed to train --plan (default: auto with --score, off for the earlier protocol)",
+    )
     parser.add_argument("--methods", nargs="+", default=["supervised"])
     parser.add_argument("--labels", nargs="+", type=int, default=[4, 8, 16])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--network", default="unet")
     parser.add_argument("--iterations", type=int, default=1500)
+    parser.add_argument(
+        "--schedule",
+        choices=["cpu", "published"],
+        default="cpu",
+        help="cpu (default): the plan's settings at --iterations; published: the papers' GPU "
+        "schedule on Left Atrium (6000 iterations of batch 4 at 112x112x80 patches, native "
+        "spacing) for a machine with a GPU",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--set", action="append", default=[], help="extra training setting NAME=VALUE"
@@ -583,18 +794,23 @@ def main() -> None:
             r["case_dice"] = case_dice(metrics)
             results = save_result(r)
     if not args.report_only:
-        names = sorted(
-            p.name[: -len(".nii.gz")] for p in (Path(args.data) / "labelsTr").glob("*.nii.gz")
-        )
-        split = benchmark_split(names)
+        args.data = args.data or DATASETS[args.dataset]["data"]
+        if not args.score and args.dataset != "hippocampus":
+            raise SystemExit("--score val or --score test: the validation protocol is required")
+        args.plan = args.plan or ("auto" if args.score else "off")
+        if args.schedule == "published":
+            args.iterations = 6000
+            args.set = PUBLISHED_SCHEDULE + list(args.set)
+            args.variant = "-".join(v for v in ("published", args.variant) if v)
+        split = dataset_split(args.dataset, Path(args.data), hold_validation=bool(args.score))
         for seed in args.seeds:
             for method in args.methods:
                 for labels in args.labels:
                     print(f"benchmark: {method}, {labels} labeled, seed {seed}", flush=True)
                     result = run_one(args, split, method, labels, seed)
                     results = save_result(result)
-                    dice = [class_stat(result["summary"], v, "dice") for v in CLASS_NAMES]
-                    print(f"  Dice {dice}, {result['train_seconds']} s", flush=True)
+                    dice = mean_dice(result)
+                    print(f"  mean Dice {dice:.4f}, {result['train_seconds']} s", flush=True)
                     write_report(results)
     write_report(results)
     print(f"wrote {REPORT}")

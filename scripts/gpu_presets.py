@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SemiSupSeg"))
 
+from SemiSupSegLib.backend.memory import saved_bytes  # noqa: E402
 from SemiSupSegLib.backend.networks import create_network  # noqa: E402
 
 GPU_GIB = (8, 12, 16, 24, 48, 80)
@@ -40,25 +41,6 @@ PATCHES = (
 )
 PROBES = ((64, 64, 64), (96, 96, 64))
 REPORT = ROOT / "docs" / "gpu-presets.md"
-
-
-def saved_bytes(network: torch.nn.Module, size: tuple) -> int:
-    """Bytes of the tensors autograd keeps for backward in one forward of a (1, 1, *size) batch."""
-    total = 0
-    seen = set()
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-        return tensor
-
-    x = torch.randn(1, 1, *size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        network(x).sum()
-    return total
 
 
 def main() -> None:

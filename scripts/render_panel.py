@@ -1,10 +1,15 @@
-"""Render the module panel (SemiSupSeg.ui) offscreen to Resources/Screenshots/panel.png.
+"""Render the module panel (SemiSupSeg.ui) offscreen, filled from a real session's files.
 
-    .venv/bin/python scripts/render_panel.py [OUTPUT.png]
+    .venv/bin/python scripts/screenshot_session.py SESSION      # a real two-round session
+    .venv/bin/python scripts/render_panel.py SESSION [OUTPUT.png]
 
 Slicer's custom widgets are mapped to look-alike Qt classes before loading (collapsible
 button -> group box, node selectors -> combo boxes, path line edit -> line edit, slider widget
--> slider) and filled with example content, so the picture resembles the panel in Slicer.
+-> slider). Every value shown comes from SESSION and this machine, through the module's own
+code: the training choices from the rounds' job.json, the review table of round 1 (with the
+case accepted from it), round 2 (the retraining) replayed from its recorded events up to the
+middle of its training, as the panel shows a running job, and the dependency check and GPU
+line from the probe run in this Python.
 """
 
 import os
@@ -15,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Qt  # noqa: E402
-from PySide6.QtGui import QColor, QFont, QPalette  # noqa: E402
+from PySide6.QtGui import QColor, QFont, QPalette, QTextCursor  # noqa: E402
 from PySide6.QtUiTools import QUiLoader  # noqa: E402
 from PySide6.QtWidgets import (  # noqa: E402
     QAbstractItemView,
@@ -35,6 +40,19 @@ from PySide6.QtWidgets import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SemiSupSeg"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from screenshot_session import EVENTS_FILE, render_command  # noqa: E402
+from SemiSupSegLib import dependencies  # noqa: E402
+from SemiSupSegLib.backend_process import BackendProcess  # noqa: E402
+from SemiSupSegLib.dependencies import ProbeResult, parseProbeOutput, probeCommand  # noqa: E402
+from SemiSupSegLib.progress import ProgressModel, planSummary  # noqa: E402
+from SemiSupSegLib.protocol import JOB_FILE_NAME, JobSpec  # noqa: E402
+from SemiSupSegLib.results import Session  # noqa: E402
+from SemiSupSegLib.training_options import ENCODER_SETTING, describeGpu  # noqa: E402
+
+REQUIREMENTS = dependencies.readRequirements(REPO / "SemiSupSeg" / "Resources" / "requirements.txt")
 UI_FILE = REPO / "SemiSupSeg" / "Resources" / "UI" / "SemiSupSeg.ui"
 OUTPUT = REPO / "Resources" / "Screenshots" / "panel.png"
 
@@ -101,8 +119,26 @@ def fill_table(table: QTableWidget, rows) -> None:
     )
 
 
-def fill(panel: QWidget) -> None:
-    """Example content: round 1 finished and reviewed, round 2 (retraining) running."""
+def probe_this_python() -> ProbeResult:
+    """The module's dependency probe, run in this Python as the panel runs it."""
+    process = BackendProcess(probeCommand(sys.executable, REQUIREMENTS)).start()
+    code = process.wait(timeout=300)
+    return parseProbeOutput(process.readLines(), process.stderrTail(), code)
+
+
+def replay_halfway(events: Path) -> ProgressModel:
+    """The progress model of a job fed with its recorded events up to half of its training."""
+    progress = ProgressModel()
+    for line in events.read_text(encoding="utf-8").splitlines():
+        event = progress.feedLine(line)
+        if event and event.get("event") == "progress" and progress.total:
+            if progress.iteration >= progress.total / 2:
+                break
+    return progress
+
+
+def fill(panel: QWidget, session_folder: Path) -> None:
+    """The panel as it looks while round 2 (retraining) runs, after round 1 was reviewed."""
 
     def find(cls, name):
         widget = panel.findChild(cls, name)
@@ -110,66 +146,65 @@ def fill(panel: QWidget) -> None:
             raise SystemExit(f"{UI_FILE}: no {cls.__name__} named {name}")
         return widget
 
+    session = Session.load(session_folder)
+    if len(session.rounds) < 2 or session.classes is None:
+        raise SystemExit(f"{session.path}: expected two rounds (scripts/screenshot_session.py)")
+    first, second = session.rounds[0].round, session.rounds[1].round
+    job = JobSpec.load(session.roundFolder(first) / JOB_FILE_NAME)
+    retrain_path = session.roundFolder(second) / JOB_FILE_NAME
+    retrain = JobSpec.load(retrain_path)
+    user_cases = [c.name for c in retrain.labeled if c.name not in session.accepted]
+
     combos = {
-        "labeledVolumeSelector": ["hippocampus_017"],
-        "labeledSegmentationSelector": ["hippocampus_017 segmentation"],
-        "unlabeledVolumesSelector": ["152 volumes checked"],
-        "methodComboBox": ["mn+em", "mn", "em", "supervised", "mean-teacher", "ua-mt"],
-        "modalityComboBox": ["MR", "CT", "other"],
-        "network3DComboBox": ["unet", "segresnet", "swinunetr"],
-        "presetComboBox": ["standard", "quick", "thorough", "custom"],
-        "deviceComboBox": ["auto", "cuda", "mps", "cpu"],
-        "colourMapComboBox": ["Inferno", "Viridis"],
+        "labeledVolumeSelector": [user_cases[0]],
+        "labeledSegmentationSelector": [f"{user_cases[0]} labels"],
+        "unlabeledVolumesSelector": [f"{len(job.unlabeled)} volumes checked"],
+        "methodComboBox": [job.method],
+        "modalityComboBox": [job.modality],
+        "network3DComboBox": [job.settings["network"]],
+        "presetComboBox": ["custom"],
+        "deviceComboBox": [job.device],
+        "colourMapComboBox": ["Inferno"],
     }
     for name, items in combos.items():
-        combo = find(QComboBox, name)
-        combo.addItems(items)
-    find(QLineEdit, "encoder2DLineEdit").setText("mobilenetv2_100")
-    find(QLineEdit, "unlabeledFolderPathLineEdit").setText("/data/hippocampus/imagesUnlabeled")
+        find(QComboBox, name).addItems(items)
+    find(QLineEdit, "encoder2DLineEdit").setText(str(job.settings.get(ENCODER_SETTING, "")))
+    find(QLineEdit, "unlabeledFolderPathLineEdit").setText("")
     find(QLineEdit, "externalPythonPathLineEdit").setText("")
-    find(QLineEdit, "outputFolderPathLineEdit").setText("~/SlicerScenes/SemiSupSeg")
+    find(QLineEdit, "outputFolderPathLineEdit").setText(str(session.folder))
     find(QLineEdit, "extraSettingsLineEdit").setPlaceholderText("name=value, ...")
-    find(QSpinBox, "iterationsSpinBox").setValue(1500)
-    find(QSpinBox, "iterationsSpinBox").setEnabled(False)
-    find(QLabel, "gpuLabel").setText("GPU: CUDA: NVIDIA RTX A5000 (24 GB)")
-    find(QLabel, "dependenciesLabel").setText("Python 3.9.10: all set")
-    find(QLabel, "classesLabel").setText("Classes: 1 Anterior, 2 Posterior")
-    fill_table(
-        find(QTableWidget, "labeledTable"),
-        [
-            ("hippocampus_001", "hippocampus_001 segmentation", "user"),
-            ("hippocampus_003", "hippocampus_003 segmentation", "user"),
-            ("hippocampus_004", "hippocampus_004 segmentation", "user"),
-            ("hippocampus_033", "hippocampus_033.v2.nrrd", "round 1 (v2)"),
-        ],
-    )
+    find(QSpinBox, "iterationsSpinBox").setValue(int(job.settings["iterations"]))
+    probe = probe_this_python()
+    gpu, _has_gpu = describeGpu(probe.asDict() if not probe.error else None)
+    find(QLabel, "gpuLabel").setText(f"GPU: {gpu}")
+    find(QLabel, "dependenciesLabel").setText(dependencies.summary(probe, REQUIREMENTS))
+    names = ", ".join(f"{i + 1} {name}" for i, name in enumerate(session.classes.names))
+    find(QLabel, "classesLabel").setText(f"Classes: {names}")
+    labeled_rows = [(case, f"{case} labels", "user") for case in user_cases]
+    labeled_rows += [
+        (case, Path(accepted.label).name, session.labelOrigin(case))
+        for case, accepted in session.accepted.items()
+    ]
+    fill_table(find(QTableWidget, "labeledTable"), labeled_rows)
+
+    progress = replay_halfway(session.roundFolder(second) / EVENTS_FILE)
+    find(QLabel, "planLabel").setText(planSummary(progress.plan))
     apply = find(QPushButton, "applyButton")
     apply.setText("Cancel")
     apply.setEnabled(True)
-    find(QProgressBar, "progressBar").setValue(62)
-    find(QLabel, "statusLabel").setText(
-        "Co-training 930/1500 · loss 0.2113, loss_2d 0.2471 · 4m12s left"
-    )
+    find(QProgressBar, "progressBar").setValue(progress.percent)
+    find(QLabel, "statusLabel").setText(progress.statusText())
     log = find(QPlainTextEdit, "logTextEdit")
     log.setFixedHeight(96)
-    log.setPlainText(
-        "Job: ~/SlicerScenes/SemiSupSeg/round-002/job.json\n"
-        "[Checking data] checking the 4 labeled and 151 unlabeled case(s)\n"
-        "[Training] warm start from round-001/run/model.pt\n"
-        "[Training] training mn+em (unet) on cuda (NVIDIA RTX A5000, 24 GB)\n"
-        "[Co-training] 2D and 3D models teach each other"
+    log.setPlainText("\n".join([f"Job: {retrain_path}"] + list(progress.log)))
+    log.moveCursor(QTextCursor.End)
+
+    rows = session.reviewRows(first)
+    find(QLabel, "resultsLabel").setText(
+        f"Round {first}: {len(rows)} case(s), most uncertain first"
     )
-    find(QLabel, "resultsLabel").setText("Round 1: 152 case(s), most uncertain first")
     results = find(QTableWidget, "resultsTable")
-    fill_table(
-        results,
-        [
-            ("hippocampus_033", "0.4127", "1204", "1", "accepted (hippocampus_033.v2.nrrd)"),
-            ("hippocampus_121", "0.3981", "1377", "1", "to review"),
-            ("hippocampus_088", "0.3755", "1519", "1", "to review"),
-            ("hippocampus_150", "0.3310", "1288", "1", "to review"),
-        ],
-    )
+    fill_table(results, [row.cells() for row in rows[:6]])
     results.setSelectionBehavior(QAbstractItemView.SelectRows)
     results.selectRow(1)
     slider = find(QSlider, "uncertaintyOpacitySliderWidget")
@@ -195,7 +230,7 @@ def slicer_like_palette(app: QApplication) -> None:
     app.setFont(font)
 
 
-def render(output: Path) -> Path:
+def render(session_folder: Path, output: Path) -> Path:
     app = QApplication.instance() or QApplication(sys.argv)
     slicer_like_palette(app)
     data = QByteArray(look_alike_ui(UI_FILE))
@@ -205,7 +240,7 @@ def render(output: Path) -> Path:
     panel = loader.load(buffer)
     if panel is None:
         raise SystemExit(f"{UI_FILE}: {loader.errorString()}")
-    fill(panel)
+    fill(panel, session_folder)
     panel.setAttribute(Qt.WA_DontShowOnScreen)
     panel.resize(460, 100)
     panel.show()
@@ -221,5 +256,4 @@ def render(output: Path) -> Path:
 
 
 if __name__ == "__main__":
-    path = render(Path(sys.argv[1]) if len(sys.argv) > 1 else OUTPUT)
-    print(f"wrote {path}")
+    render_command(render, OUTPUT, __doc__)

@@ -7,19 +7,28 @@
 ``graceSeconds``, ``poll`` kills the tree. The tree matters: Slicer's ``PythonSlicer`` is a
 launcher that starts the real Python as its child.
 
+A backend never outlives the Python that started it: ``stop`` (called when Slicer unloads the
+module, and for every process still running when the interpreter exits) sends SIGTERM, waits
+the grace time and then kills the tree. The child runs in its own session, so nothing else
+would end it.
+
 Plain Python (no Slicer, no Qt); psutil is used when it is installed, otherwise process
 groups (``os.killpg``) on Linux and macOS and ``taskkill /T`` on Windows.
 """
 
+import atexit
 import collections
 import os
 import queue
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Deque, Dict, List, Mapping, Optional, Sequence
+from typing import Deque, Dict, List, Mapping, Optional, Sequence, Set
 
 try:
     import psutil
@@ -29,11 +38,36 @@ except ImportError:  # pragma: no cover - psutil is optional in Slicer's Python
 IS_WINDOWS = os.name == "nt"
 BACKEND_MODULE = "SemiSupSegLib.backend"
 STDERR_TAIL_LINES = 200
+# After the grace time, how long ``stop`` waits for a killed tree to be gone.
+KILL_WAIT_SECONDS = 5.0
 
 
 def moduleSearchPath() -> str:
     """The folder that holds the SemiSupSegLib package (what the backend needs on sys.path)."""
     return str(Path(__file__).resolve().parent.parent)
+
+
+def slicerPython(executable: Optional[str] = None) -> str:
+    """Slicer's Python launcher, ``PythonSlicer``, to run the backend and the dependency probe.
+
+    Inside Slicer ``sys.executable`` is the application itself, not a Python: like
+    ``slicer.util.executePythonModule``, look for ``PythonSlicer`` on the PATH (Slicer puts its
+    bin folder there), then next to ``executable``. Outside Slicer (scripts, tests) a Python
+    interpreter is its own answer. Raises FileNotFoundError naming where it looked.
+    """
+    executable = executable or sys.executable
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    beside = Path(executable).with_name("PythonSlicer.exe" if IS_WINDOWS else "PythonSlicer")
+    if beside.is_file():
+        return str(beside)
+    if re.fullmatch(r"python[0-9.]*(\.exe)?", Path(executable).name, re.IGNORECASE):
+        return executable
+    raise FileNotFoundError(
+        f"PythonSlicer was found neither on the PATH nor next to {executable}; "
+        "choose an external Python environment instead"
+    )
 
 
 def backendCommand(python: str, jobPath, resume: bool = False) -> List[str]:
@@ -119,6 +153,7 @@ class BackendProcess:
         ]
         for reader in self._readers:
             reader.start()
+        _started.add(self)
         return self
 
     @property
@@ -168,6 +203,7 @@ class BackendProcess:
                     reader.join(0.5)
             else:
                 return None
+        _started.discard(self)
         return code
 
     def cancel(self) -> None:
@@ -187,6 +223,30 @@ class BackendProcess:
         self._killed = True
         self._rememberTree()
         self._signalTree(force=True)
+
+    def stop(self) -> Optional[int]:
+        """End the process tree and wait until it is gone (Slicer's exit; never the GUI's
+        normal use): SIGTERM, up to ``graceSeconds`` for the backend to save a checkpoint and
+        exit (counted from an earlier ``cancel``), then kill. Returns the exit code."""
+        if self._popen is None:
+            return None
+        self._rememberTree()
+        if not self._treeAlive():
+            return self._popen.poll()
+        if not self.cancelRequested:
+            self.cancelRequested = True
+            self._cancelDeadline = time.monotonic() + self.graceSeconds
+            self._signalTree(force=False)
+        self._waitForTree(self._cancelDeadline)
+        if self._treeAlive():
+            self.kill()
+            self._waitForTree(time.monotonic() + KILL_WAIT_SECONDS)
+        return self._popen.poll()
+
+    def _waitForTree(self, deadline: float, interval: float = 0.05) -> None:
+        while time.monotonic() < deadline and self._treeAlive():
+            self._rememberTree()  # a child started late is ended too
+            time.sleep(interval)
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> Optional[int]:
         """Block until the process has finished (scripts and tests only, never the GUI)."""
@@ -285,3 +345,21 @@ class BackendProcess:
             os.killpg(popen.pid, signal.SIGKILL if force else signal.SIGTERM)
         except (ProcessLookupError, PermissionError, OSError):
             pass
+
+
+# Every process started here and not yet seen to end, so that none outlives this interpreter.
+_started: Set[BackendProcess] = set()
+
+
+@atexit.register
+def stopAllProcesses() -> None:
+    """Stop every process started here that is still running (grace time, then kill).
+
+    Runs when the interpreter exits (Slicer's Python too); all trees get SIGTERM first, so the
+    grace times run side by side."""
+    processes = [process for process in list(_started) if process._treeAlive()]
+    for process in processes:
+        if not process.cancelRequested:
+            process.cancel()
+    for process in processes:
+        process.stop()

@@ -4,16 +4,18 @@ The check runs a small probe in the Python that will run the backend (Slicer's o
 ``PythonSlicer`` or an external environment), as a child process, so torch is never imported
 into Slicer by this module and the GUI does not wait for it. The probe also reports the GPU.
 
-Installing happens only after the user agreed, on the main thread (``installInSlicer``):
-torch through the PyTorch extension (``PyTorchUtils``) when it is there, the rest with pip,
+Installing happens only after the user agreed, on the main thread (``installInSlicer``), with
+pip and never importing torch into Slicer: torch and torchvision in the build the PyTorch
+extension (``PyTorchUtils``) picks for the GPU driver when it is there, the rest after them,
 always with a constraints file that pins the numpy and SimpleITK Slicer already has (and the
-torch just installed), so Slicer's own packages are never replaced. VTK is Slicer's own build
-and is never installed from pip. For an external Python nothing is installed: the user gets the
+torch and torchvision just installed), so Slicer's own packages are never replaced. VTK is
+Slicer's own build and is never installed from pip. For an external Python nothing is installed: the user gets the
 command to run in that environment.
 """
 
 import json
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +24,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 PROBE_MARKER = "SEMISUPSEG-PROBE "
 # Never installed or upgraded by this module: Slicer builds and ships them.
 SLICER_OWNED = ("numpy", "SimpleITK", "vtk")
+# Pinned in every pip call once installed: Slicer's own, and the torch build that was chosen.
+PINNED = SLICER_OWNED + ("torch", "torchvision")
 PROBED_PACKAGES = ("torch", "monai", "timm", "einops", "numpy", "SimpleITK", "scipy")
 # What an external environment needs on top: Slicer ships these, another Python may not.
 EXTERNAL_EXTRA_REQUIREMENTS = ("numpy>=1.24", "SimpleITK>=2.2", "scipy>=1.10")
 DEFAULT_REQUIREMENTS = ("torch>=2.1", "monai>=1.4", "timm>=1.0", "einops>=0.6")
+# PyTorch's own package index, one per build ('cu121', 'cpu'...).
+PYTORCH_INDEX_URL = "https://download.pytorch.org/whl/{backend}"
 
 PROBE_CODE = r"""
 import json, sys
@@ -219,8 +225,12 @@ class InstallPlan:
     def description(self) -> str:
         parts = []
         if self.torchRequirement:
-            how = "the PyTorch extension" if self.torchViaPyTorchUtils else "pip"
-            parts.append(f"{self.torchRequirement} (through {how})")
+            how = (
+                "the build the PyTorch extension picks for this computer's GPU"
+                if self.torchViaPyTorchUtils
+                else "from PyPI"
+            )
+            parts.append(f"{self.torchRequirement} with torchvision ({how})")
         parts.extend(self.pipRequirements)
         owned = [s.lower() for s in SLICER_OWNED]
         kept = ", ".join(
@@ -251,9 +261,10 @@ def planInstall(
 
 
 def constraintsFor(packages: Dict[str, Optional[str]]) -> List[str]:
-    """Pins for Slicer's own packages (and torch once installed) so pip cannot replace them."""
+    """Pins for Slicer's own packages (and torch, torchvision once installed) so pip cannot
+    replace them."""
     pins = []
-    for name in SLICER_OWNED + ("torch",):
+    for name in PINNED:
         version = next((v for k, v in packages.items() if k.lower() == name.lower()), None)
         if version and version != "present":
             pins.append(f"{name}=={version}")
@@ -274,44 +285,107 @@ def externalInstallCommand(python: str, missing: Sequence[str]) -> str:
     return f'"{python}" -m pip install {quoted}'
 
 
-def installedVersions(names: Sequence[str] = PROBED_PACKAGES) -> Dict[str, Optional[str]]:
-    """Versions in *this* Python from package metadata (nothing is imported)."""
+def installedVersions(
+    names: Sequence[str] = PROBED_PACKAGES, path: Optional[Sequence[str]] = None
+) -> Dict[str, Optional[str]]:
+    """Versions in *this* Python (or in the folders ``path``) from package metadata; nothing
+    is imported."""
     from importlib import metadata
 
+    folders = list(sys.path if path is None else path)
     versions = {}
     for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+        found = next(iter(metadata.distributions(name=name, path=folders)), None)
+        versions[name] = found.version if found is not None else None
     return versions
 
 
-def installInSlicer(plan: InstallPlan, requester: str = "SemiSupSeg") -> None:  # pragma: no cover
-    """Run the plan in Slicer's Python. Main thread only, after the user agreed.
+def missingHere(requirements: Sequence[str], path: Optional[Sequence[str]] = None) -> List[str]:
+    """The requirements this Python (or the folders ``path``) does not meet, from package
+    metadata, without importing anything (the in-Slicer tests skip on them)."""
+    names = [requirementName(r) for r in requirements]
+    return ProbeResult(packages=installedVersions(names, path)).missing(requirements)
 
-    torch: ``PyTorchUtils.PyTorchUtilsLogic().installTorch`` when the PyTorch extension is
-    installed (it picks the CUDA build matching the driver), else pip. Then the other packages
-    with pip, constrained so that numpy, SimpleITK and the new torch stay as they are.
+
+def bestComputationBackend(backends: Sequence[str]) -> str:
+    """The newest CUDA build among light-the-torch's compatible backends ('cu121' over
+    'cu118'), else ROCm, else 'cpu'."""
+
+    def rank(name: str) -> Tuple[int, Tuple[int, ...]]:
+        if name.startswith("cu"):
+            return 2, _versionTuple(name[2:])
+        if name.startswith("rocm"):
+            return 1, _versionTuple(name[4:])
+        return 0, ()
+
+    return max((str(b) for b in backends), key=rank, default="cpu")
+
+
+def torchInstallArguments(torchRequirement: str, computationBackend: Optional[str]) -> List[str]:
+    """pip arguments for torch with the torchvision of the same build (timm needs it), from
+    PyTorch's index for ``computationBackend`` ('cu121', 'cpu'...), or from PyPI if None."""
+    arguments = [torchRequirement, "torchvision"]
+    if computationBackend:
+        arguments += ["--index-url", PYTORCH_INDEX_URL.format(backend=computationBackend)]
+    return arguments
+
+
+def computationBackendFromPyTorchExtension(
+    torchRequirement: str,
+) -> Optional[str]:  # pragma: no cover
+    """The torch build for this machine's GPU driver, as the PyTorch extension picks it
+    (light-the-torch), without importing torch; None if the extension cannot tell."""
+    import logging
+
+    try:
+        import PyTorchUtils
+
+        version = torchRequirement[len(requirementName(torchRequirement)) :] or None
+        backends = PyTorchUtils.PyTorchUtilsLogic.getCompatibleComputationBackends(
+            torchVersionRequirement=version
+        )
+    except Exception as err:  # an older extension, or no answer: torch from PyPI
+        logging.warning(f"SemiSupSeg: the PyTorch extension did not name a torch build ({err})")
+        return None
+    return bestComputationBackend([str(b) for b in backends])
+
+
+def installInSlicer(
+    plan: InstallPlan, requester: str = "SemiSupSeg", computationBackend: Optional[str] = None
+) -> None:
+    """Run the plan in Slicer's Python with pip. Main thread only, after the user agreed.
+
+    torch is never imported here (Slicer's process must stay free of it): torch and its
+    torchvision come from PyTorch's index for the build the PyTorch extension picks for the GPU
+    driver (``computationBackend``, asked from the extension when there is one), or from PyPI.
+    Every pip call has a constraints file, so numpy and SimpleITK stay Slicer's own, and the
+    other packages cannot replace the torch and torchvision just installed.
     """
-    import slicer
-
     if plan.torchRequirement:
-        if plan.torchViaPyTorchUtils:
-            import PyTorchUtils
-
-            version = plan.torchRequirement[len(requirementName(plan.torchRequirement)) :]
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=version or None
-            )
-            if torch is None:
-                raise RuntimeError("PyTorch was not installed (the PyTorch extension declined)")
-        else:
-            path = writeConstraints(plan.constraints)
-            slicer.util.pip_install([plan.torchRequirement, "-c", str(path)])
+        if computationBackend is None and plan.torchViaPyTorchUtils:
+            computationBackend = computationBackendFromPyTorchExtension(plan.torchRequirement)
+        arguments = torchInstallArguments(plan.torchRequirement, computationBackend)
+        kept = [
+            c for c in plan.constraints if not c.lower().startswith(("torch==", "torchvision=="))
+        ]
+        pipInstall(arguments, kept, requester)  # an older torch is replaced, not pinned
     if plan.pipRequirements:
         pins = {c.split("==")[0].lower(): c for c in plan.constraints}
-        for pin in constraintsFor(installedVersions(SLICER_OWNED + ("torch",))):
+        for pin in constraintsFor(installedVersions(PINNED)):
             pins[pin.split("==")[0].lower()] = pin  # what is installed now wins
-        path = writeConstraints(sorted(pins.values()))
-        slicer.util.pip_install(list(plan.pipRequirements) + ["-c", str(path)])
+        pipInstall(list(plan.pipRequirements), sorted(pins.values()), requester)
+
+
+def pipInstall(arguments: Sequence[str], pins: Sequence[str], requester: str) -> None:
+    """``slicer.util.pip_install`` with a constraints file: the ``constraints`` and
+    ``requester`` keywords on Slicer 5.12 and later (``slicer.packaging``), ``-c`` before."""
+    import slicer
+    import slicer.util
+
+    path = writeConstraints(pins)
+    try:
+        import slicer.packaging  # noqa: F401  (Slicer 5.12 and later)
+    except ImportError:
+        slicer.util.pip_install(list(arguments) + ["-c", str(path)])
+        return
+    slicer.util.pip_install(list(arguments), constraints=str(path), requester=requester)

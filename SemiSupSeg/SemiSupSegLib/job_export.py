@@ -4,18 +4,20 @@ Classes are defined by segment names: the first labeled case's segment order giv
 values 1..N, every other case must have the same names (a clear error names the case that
 differs), and each segmentation is exported with its segment IDs passed in that order, so a
 name always gets the same value. A labeled pair may also use a labelmap volume; its colour
-table's names play the role of segment names.
+table's names play the role of segment names. Labels are always written in their volume's own
+grid, whatever grid they were drawn on and whatever transforms either node is under.
 
 Job folder layout (``jobDir``): ``job.json``, ``inputs/images/<case>.nrrd``,
 ``inputs/labels/<case>.nrrd``, ``inputs/unlabeled/<case>.nrrd``; the backend writes its outputs
 next to them (``run/``, ``predictions/``). Unlabeled images from a folder on disk are referenced
-where they are, never copied or loaded into the scene.
+where they are, never copied or loaded into the scene. Job inputs are written uncompressed: the
+backend reads them once, and gzip would be most of the time the user waits for an export.
 """
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from SemiSupSegLib import mrml_io
 from SemiSupSegLib.protocol import (
@@ -30,6 +32,8 @@ from SemiSupSegLib.training_options import TrainingOptions
 
 Colour = Tuple[float, float, float]
 EXPORT_SUFFIX = ".nrrd"
+# Called before each file is written and once at the end: (files done, files in all, what).
+ExportProgress = Callable[[int, int, str], None]
 
 
 class ClassMismatchError(ValueError):
@@ -38,6 +42,10 @@ class ClassMismatchError(ValueError):
 
 class ExportError(ValueError):
     """Inputs that cannot be turned into a job; the message says which and why."""
+
+
+class ExportCancelled(Exception):
+    """The user stopped an export (raised from an ``ExportProgress`` callback)."""
 
 
 @dataclass
@@ -198,11 +206,14 @@ class JobExporter:
         extraLabeled: Sequence[LabeledCase] = (),
         extraUnlabeled: Sequence[UnlabeledCase] = (),
         classes: Optional[ClassTable] = None,
+        progress: Optional[ExportProgress] = None,
     ) -> Tuple[JobSpec, ClassTable]:
         """Export everything and write ``job.json``; returns the job and its class table.
 
         ``extraLabeled``/``extraUnlabeled`` are cases already on disk (absolute paths), e.g.
         cases accepted in an earlier round. ``classes`` fixes the class order (retraining).
+        ``progress`` is told about each file before it is written; it may raise
+        ``ExportCancelled`` to stop.
         """
         options = (options or TrainingOptions()).validate()
         if not pairs and not extraLabeled:
@@ -223,28 +234,34 @@ class JobExporter:
             raise ExportError("no class names: give the class table of the earlier round")
 
         self.jobDir.mkdir(parents=True, exist_ok=True)
+        labeledVolumes = {id(p.volume) for p in pairs}
+        unlabeledNodes = [
+            n for n in unlabeledVolumes if n is not None and id(n) not in labeledVolumes
+        ]
+        step = _Steps(2 * len(pairs) + len(unlabeledNodes), progress)
         taken: set = {c.name for c in extraLabeled} | {c.name for c in extraUnlabeled}
         labeled: List[LabeledCase] = []
         for pair in pairs:
             case = uniqueName(sanitizeCaseName(pair.name or _name(pair.volume)), taken)
             image = self._relative(self.jobDir / "inputs" / "images" / (case + EXPORT_SUFFIX))
             label = self._relative(self.jobDir / "inputs" / "labels" / (case + EXPORT_SUFFIX))
-            mrml_io.writeVolumeNode(pair.volume, self.jobDir / image)
+            step(f"image of {case}")
+            mrml_io.writeVolumeNode(pair.volume, self.jobDir / image, compress=False)
+            step(f"labels of {case}")
             self._exportLabels(pair, table.names, self.jobDir / label)
             labeled.append(LabeledCase(case, image, label))
             self.exportedNodes[case] = pair.volume
         labeled.extend(extraLabeled)
 
         unlabeled: List[UnlabeledCase] = list(extraUnlabeled)
-        labeledVolumes = {id(p.volume) for p in pairs}
-        for node in unlabeledVolumes:
-            if node is None or id(node) in labeledVolumes:
-                continue
+        for node in unlabeledNodes:
             case = uniqueName(sanitizeCaseName(_name(node)), taken)
             image = self._relative(self.jobDir / "inputs" / "unlabeled" / (case + EXPORT_SUFFIX))
-            mrml_io.writeVolumeNode(node, self.jobDir / image)
+            step(f"unlabeled {case}")
+            mrml_io.writeVolumeNode(node, self.jobDir / image, compress=False)
             unlabeled.append(UnlabeledCase(case, image))
             self.exportedNodes[case] = node
+        step("job.json")
         if unlabeledFolder:
             for path in imagesInFolder(unlabeledFolder):
                 case = uniqueName(sanitizeCaseName(case_name_from_path(str(path))), taken)
@@ -259,6 +276,7 @@ class JobExporter:
             modality=options.modality,
             output=".",
             settings=options.settings(),
+            budget=options.budget,
             predict_unlabeled=True,
             init_from=str(initFrom) if initFrom else None,
         )
@@ -268,14 +286,30 @@ class JobExporter:
 
     def _exportLabels(self, pair: LabeledPair, classNames: Sequence[str], path: Path) -> None:
         if mrml_io.isSegmentation(pair.labels):
-            mrml_io.exportSegmentsToFile(self.scene, pair.labels, classNames, pair.volume, path)
+            mrml_io.exportSegmentsToFile(
+                self.scene, pair.labels, classNames, pair.volume, path, compress=False
+            )
             return
         byName = {name: value for value, name in mrml_io.labelmapClasses(pair.labels).items()}
         valueToClass = {byName[name]: i + 1 for i, name in enumerate(classNames) if name in byName}
-        mrml_io.exportLabelmapToFile(self.scene, pair.labels, valueToClass, path)
+        mrml_io.exportLabelmapToFile(
+            self.scene, pair.labels, valueToClass, classNames, pair.volume, path, compress=False
+        )
 
     def _relative(self, path: Path) -> str:
         return path.relative_to(self.jobDir).as_posix()
+
+
+class _Steps:
+    """Counts the files of an export for an ``ExportProgress`` callback."""
+
+    def __init__(self, files: int, progress: Optional[ExportProgress]) -> None:
+        self.done, self.total, self.progress = 0, files, progress
+
+    def __call__(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total, what)
+        self.done += 1
 
 
 def _name(node) -> str:

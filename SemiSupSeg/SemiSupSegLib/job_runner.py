@@ -87,6 +87,14 @@ class JobRunner:
             self.progress.addLog("Cancelling...")
             self.process.cancel()
 
+    def stop(self) -> None:
+        """Stop the job and wait until every process it started is gone (grace time, then
+        kill; for Slicer's exit), and record the outcome."""
+        if self.running:
+            self.progress.addLog("Stopping...")
+            self.process.stop()
+            self.poll()
+
     def wait(
         self,
         timeout: Optional[float] = None,

@@ -61,8 +61,12 @@ def temporaryNodes(scene) -> Iterator[None]:
 # ------------------------------------------------------------------------ volumes
 
 
-def writeVolumeNode(node, path) -> Path:
-    """Write a scalar or labelmap volume node to ``path`` without touching its storage node."""
+def writeVolumeNode(node, path, compress: bool = True) -> Path:
+    """Write a scalar or labelmap volume node to ``path`` without touching its storage node.
+
+    The node's own grid is written (its parent transform is not applied). ``compress=False``
+    writes raw voxels: job inputs are read once, and gzip is most of the time of an export.
+    """
     slicer = _slicer()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +74,7 @@ def writeVolumeNode(node, path) -> Path:
         raise SceneDataError(f"{_nodeName(node)}: the volume has no image data")
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
-    storage.SetUseCompression(1)
+    storage.SetUseCompression(1 if compress else 0)
     if not storage.WriteData(node):
         raise SceneDataError(f"{_nodeName(node)}: could not write {path}")
     return path
@@ -107,6 +111,30 @@ def isSegmentation(node) -> bool:
 
 def isLabelmap(node) -> bool:
     return node is not None and node.IsA("vtkMRMLLabelMapVolumeNode")
+
+
+def labelsVersion(labelsNode) -> Tuple:
+    """Changes whenever the class names or colours of a segmentation or labelmap may have
+    changed (renamed or recoloured segments; painted voxels or another colour table), so that a
+    class table computed from it can be cached."""
+    if isSegmentation(labelsNode):
+        segmentation = labelsNode.GetSegmentation()
+        segments = segmentation.GetNumberOfSegments()
+        return (
+            labelsNode.GetID(),
+            segmentation.GetMTime(),
+            tuple(segmentation.GetNthSegment(i).GetMTime() for i in range(segments)),
+        )
+    image = labelsNode.GetImageData()
+    display = labelsNode.GetDisplayNode()
+    colourNode = display.GetColorNode() if display is not None else None
+    return (
+        labelsNode.GetID(),
+        labelsNode.GetMTime(),
+        image.GetMTime() if image is not None else 0,
+        display.GetMTime() if display is not None else 0,
+        colourNode.GetMTime() if colourNode is not None else 0,
+    )
 
 
 def segmentNames(segmentationNode) -> List[str]:
@@ -155,13 +183,77 @@ def labelmapColours(labelmapNode) -> Dict[str, Colour]:
 
 
 def exportSegmentsToFile(
-    scene, segmentationNode, classNames: Sequence[str], referenceVolume, path
+    scene, segmentationNode, classNames: Sequence[str], referenceVolume, path, compress: bool = True
 ) -> Path:
     """Write a label map where segment ``classNames[i]`` has label value ``i + 1``.
 
     The segment IDs are passed explicitly in class order, so label values never shift with the
-    segmentation's own order; the geometry is the reference volume's (the image's grid).
+    segmentation's own order; the grid is the reference volume's own (untransformed) grid, and
+    the Segmentations logic maps the segments into it through both nodes' parent transforms.
     """
+    with temporaryNodes(scene):
+        labelmap = _segmentsInReferenceGrid(scene, segmentationNode, classNames, referenceVolume)
+        return writeVolumeNode(labelmap, path, compress)
+
+
+def exportLabelmapToFile(
+    scene,
+    labelmapNode,
+    valueToClass: Dict[int, int],
+    classNames: Sequence[str],
+    referenceVolume,
+    path,
+    compress: bool = True,
+) -> Path:
+    """Write a labelmap volume in the reference volume's grid, renumbered by ``valueToClass``
+    (class value ``i + 1`` is ``classNames[i]``; other values become 0).
+
+    The labelmap may be drawn on another grid and either node may be under a transform: it goes
+    through a temporary segmentation and the same export as a segmentation (nearest neighbour,
+    both parent transforms applied). Raises SceneDataError if no label falls inside the volume.
+    """
+    import numpy as np
+    import vtk
+
+    slicer = _slicer()
+    if labelmapNode is None or labelmapNode.GetImageData() is None:
+        raise SceneDataError(f"{_nodeName(labelmapNode)}: the labelmap has no image data")
+    source = slicer.util.arrayFromVolume(labelmapNode)
+    lookup = np.zeros(int(max([int(source.max())] + list(valueToClass))) + 1, dtype=np.uint8)
+    for value, target in valueToClass.items():
+        lookup[int(value)] = int(target)
+    remapped = lookup[np.clip(source, 0, None).astype(np.int64)]
+    ensureSegmentationConverters()
+    with temporaryNodes(scene):
+        copy = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SemiSupSeg export")
+        copy.CopyOrientation(labelmapNode)
+        copy.SetAndObserveTransformNodeID(labelmapNode.GetTransformNodeID())
+        image = labelmapNode.GetImageData().NewInstance()
+        image.DeepCopy(labelmapNode.GetImageData())
+        copy.SetAndObserveImageData(image)
+        slicer.util.updateVolumeFromArray(copy, remapped)
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SemiSupSeg export")
+        # Same parent as the labelmap: ImportLabelmapToSegmentationNode applies the transform
+        # between two different parents twice (Slicer 5.8.0 and current main).
+        segmentation.SetAndObserveTransformNodeID(labelmapNode.GetTransformNodeID())
+        ids = vtk.vtkStringArray()
+        for name in classNames:
+            ids.InsertNextValue(segmentation.GetSegmentation().AddEmptySegment("", name))
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            copy, segmentation, ids
+        ):
+            raise SceneDataError(f"{_nodeName(labelmapNode)}: could not read the labelmap")
+        labelmap = _segmentsInReferenceGrid(scene, segmentation, classNames, referenceVolume)
+        if remapped.any() and not slicer.util.arrayFromVolume(labelmap).any():
+            raise SceneDataError(
+                f"{_nodeName(labelmapNode)}: no label lies inside volume "
+                f"{_nodeName(referenceVolume)}; is it the labelmap of another volume?"
+            )
+        return writeVolumeNode(labelmap, path, compress)
+
+
+def _segmentsInReferenceGrid(scene, segmentationNode, classNames: Sequence[str], referenceVolume):
+    """A new labelmap node in ``referenceVolume``'s grid: ``classNames[i]`` has value ``i + 1``."""
     slicer = _slicer()
     import vtk
 
@@ -173,40 +265,19 @@ def exportSegmentsToFile(
         if not segmentId:
             raise SceneDataError(f"{_nodeName(segmentationNode)}: no segment named {name!r}")
         ids.InsertNextValue(segmentId)
-    with temporaryNodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SemiSupSeg export")
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentationNode,
-            ids,
-            labelmap,
-            referenceVolume,
-            slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SemiSupSeg export")
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentationNode,
+        ids,
+        labelmap,
+        referenceVolume,
+        slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+    )
+    if not ok or labelmap.GetImageData() is None:
+        raise SceneDataError(
+            f"{_nodeName(segmentationNode)}: could not export the segments as a label map"
         )
-        if not ok or labelmap.GetImageData() is None:
-            raise SceneDataError(
-                f"{_nodeName(segmentationNode)}: could not export the segments as a label map"
-            )
-        return writeVolumeNode(labelmap, path)
-
-
-def exportLabelmapToFile(scene, labelmapNode, valueToClass: Dict[int, int], path) -> Path:
-    """Write a labelmap with its values renumbered (``valueToClass``; others become 0)."""
-    import numpy as np
-
-    slicer = _slicer()
-    source = slicer.util.arrayFromVolume(labelmapNode)
-    lookup = np.zeros(int(max([int(source.max())] + list(valueToClass))) + 1, dtype=np.uint8)
-    for value, target in valueToClass.items():
-        lookup[int(value)] = int(target)
-    remapped = lookup[np.clip(source, 0, None).astype(np.int64)]
-    with temporaryNodes(scene):
-        copy = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SemiSupSeg export")
-        copy.CopyOrientation(labelmapNode)
-        image = labelmapNode.GetImageData().NewInstance()
-        image.DeepCopy(labelmapNode.GetImageData())
-        copy.SetAndObserveImageData(image)
-        slicer.util.updateVolumeFromArray(copy, remapped)
-        return writeVolumeNode(copy, path)
+    return labelmap
 
 
 def importLabelmapAsSegmentation(

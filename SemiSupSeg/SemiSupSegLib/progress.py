@@ -1,7 +1,7 @@
 """What the user sees of a running job: the backend's events folded into a progress model.
 
-Plain Python (no Slicer, no Qt): the widget reads ``percent``, ``statusText()`` and the new log
-lines after each poll; tests feed it event lines directly.
+Plain Python (no Slicer, no Qt): the widget reads ``percent``, ``statusText()``, the plan
+(``planSummary``) and the new log lines after each poll; tests feed it event lines directly.
 """
 
 import collections
@@ -13,6 +13,7 @@ from SemiSupSegLib.protocol import (
     EXIT_FAILED,
     EXIT_OK,
     ProtocolError,
+    effective_plan_values,
     parse_event,
 )
 
@@ -30,6 +31,8 @@ STAGE_TITLES = {
     "run": "Finished",
 }
 
+PLAN_PENDING = "Plan: made from your data and the device when training starts."
+
 
 def formatSeconds(seconds: float) -> str:
     """A short duration: 45s, 3m05s, 1h02m."""
@@ -45,6 +48,40 @@ def stageTitle(stage: str) -> str:
     if not stage:
         return ""
     return STAGE_TITLES.get(stage, stage.replace("_", " ").capitalize())
+
+
+def planSummary(plan: Optional[Dict[str, Any]]) -> str:
+    """One line for the ``plan`` of a ``plan`` event, the values that train (yours where you
+    set them), e.g. 'Plan (cpu): 1.25 mm, patch 56x40x24, batch 4, 1500 iterations; 1 setting
+    of yours (batch_size)'; ``PLAN_PENDING`` before there is a plan."""
+    if not plan:
+        return PLAN_PENDING
+    overrides = plan.get("overrides") or {}
+    values = effective_plan_values(plan)
+    parts = []
+    if "target_spacing" in values:
+        spacing = values["target_spacing"]
+        parts.append(f"{_sizes(spacing, collapse=True)} mm" if spacing else "native spacing")
+    if values.get("patch_size"):
+        parts.append(f"patch {_sizes(values['patch_size'])}")
+    if "batch_size" in values:
+        parts.append(f"batch {values['batch_size']}")
+    if "iterations" in values:
+        parts.append(f"{values['iterations']} iterations")
+    text = f"Plan ({plan.get('device', 'device unknown')}): " + ", ".join(parts)
+    if overrides:
+        count = "1 setting" if len(overrides) == 1 else f"{len(overrides)} settings"
+        text += f"; {count} of yours ({', '.join(overrides)})"
+    return text
+
+
+def _sizes(value: Any, collapse: bool = False) -> str:
+    """'56x40x24' for a list of numbers; '1.25' for an isotropic one when ``collapse``."""
+    if not isinstance(value, (list, tuple)):
+        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    if collapse and value and all(v == value[0] for v in value):
+        return _sizes(value[0])
+    return "x".join(_sizes(v) for v in value)
 
 
 def describeEvent(event: Dict[str, Any]) -> Optional[str]:
@@ -91,6 +128,8 @@ class ProgressModel:
         self.errorText: Optional[str] = None
         self.errorDetails: List[str] = []
         self.outputs: Dict[str, str] = {}
+        self.plan: Optional[Dict[str, Any]] = None
+        self.planTable = ""
         self.events: int = 0
         self.returncode: Optional[int] = None
         self.finished = False
@@ -141,17 +180,22 @@ class ProgressModel:
             self.errorDetails = [str(e) for e in event.get("errors") or []]
         if kind == "output" and isinstance(event.get("outputs"), dict):
             self.outputs.update({k: str(v) for k, v in event["outputs"].items()})
+        if kind == "plan" and isinstance(event.get("plan"), dict):
+            self.plan = event["plan"]
+            self.planTable = str(event.get("message", ""))
         if kind == "cancelled":
             self.cancelled = True
         line = describeEvent(event)
         if line:
             self.addLog(line)
 
-    def addLog(self, line: str) -> None:
-        if len(line) > MAX_LINE_LENGTH:
-            line = line[:MAX_LINE_LENGTH] + " [...]"
-        self.log.append(line)
-        self._newLog.append(line)
+    def addLog(self, text: str) -> None:
+        """Add ``text`` to the log, a line per line of it (a plan's table is several)."""
+        for line in text.splitlines() or [""]:
+            if len(line) > MAX_LINE_LENGTH:
+                line = line[:MAX_LINE_LENGTH] + " [...]"
+            self.log.append(line)
+            self._newLog.append(line)
         if len(self._newLog) > self._maxLogLines:
             del self._newLog[: len(self._newLog) - self._maxLogLines]
 

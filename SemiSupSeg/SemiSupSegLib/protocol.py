@@ -20,6 +20,15 @@ PROTOCOL_VERSION = 1
 METHODS = ("supervised", "mn", "em", "mn+em", "mean-teacher", "ua-mt")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 MODALITIES = ("MR", "CT", "other")
+#: Training budgets in the user's terms, as iterations on a time-limited device (CPU, Apple
+#: MPS) and on a memory-limited one (CUDA). A GPU's standard budget is the published
+#: semi-supervised schedule (UA-MT: 6000 iterations).
+TIME_BUDGETS = {
+    "quick": {"time": 500, "memory": 2000},
+    "standard": {"time": 1500, "memory": 6000},
+    "thorough": {"time": 4000, "memory": 15000},
+}
+DEFAULT_BUDGET = "standard"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -27,6 +36,7 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 
 EVENT_KINDS = (
+    "plan",
     "start",
     "stage",
     "progress",
@@ -70,6 +80,9 @@ class JobSpec:
     ``settings`` holds training settings by name (see the backend's ``TrainConfig``);
     unknown names are rejected by the backend, not here, so this module stays small.
     ``init_from`` names a previous run's checkpoint to warm-start from (retraining rounds).
+    ``plan`` (default true) plans the settings from the data and the device, ``settings``
+    overriding planned values; ``budget`` is the training time in the user's terms
+    (``TIME_BUDGETS``).
     """
 
     labeled: List[LabeledCase]
@@ -82,6 +95,8 @@ class JobSpec:
     settings: Dict[str, Any] = field(default_factory=dict)
     predict_unlabeled: bool = True
     init_from: Optional[str] = None
+    plan: bool = True
+    budget: str = DEFAULT_BUDGET
     version: int = PROTOCOL_VERSION
 
     def to_dict(self) -> Dict[str, Any]:
@@ -97,6 +112,8 @@ class JobSpec:
             "settings": dict(self.settings),
             "predict_unlabeled": self.predict_unlabeled,
             "init_from": self.init_from,
+            "plan": self.plan,
+            "budget": self.budget,
         }
 
     @classmethod
@@ -116,6 +133,8 @@ class JobSpec:
             "settings",
             "predict_unlabeled",
             "init_from",
+            "plan",
+            "budget",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -158,6 +177,10 @@ class JobSpec:
         init_from = data.get("init_from")
         if init_from is not None and (not isinstance(init_from, str) or not init_from):
             raise ProtocolError("job.init_from: expected a checkpoint path or null")
+        plan = data.get("plan", True)
+        if not isinstance(plan, bool):
+            raise ProtocolError("job.plan: expected true or false")
+        budget = _choice(data, "budget", tuple(TIME_BUDGETS), DEFAULT_BUDGET)
         return cls(
             labeled=labeled,
             unlabeled=unlabeled,
@@ -169,6 +192,8 @@ class JobSpec:
             settings=settings,
             predict_unlabeled=predict_unlabeled,
             init_from=init_from,
+            plan=plan,
+            budget=budget,
             version=version,
         )
 
@@ -345,6 +370,15 @@ def case_name_from_path(path: str) -> str:
 # ---------------------------------------------------------------- events
 
 
+def effective_plan_values(plan: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a planned run trains with, from the ``plan`` of a ``plan`` event.
+
+    ``plan["values"]`` holds what the backend planned from the data and the device;
+    ``plan["overrides"]`` what the user set (job settings, ``--set``), which win.
+    """
+    return {**(plan.get("values") or {}), **(plan.get("overrides") or {})}
+
+
 def make_event(kind: str, **fields: Any) -> Dict[str, Any]:
     """Build an event dict; ``validate_event`` accepts what this returns."""
     event = {"v": PROTOCOL_VERSION, "event": kind, "time": round(time.time(), 3)}
@@ -380,6 +414,7 @@ _EVENT_TYPES = {
     "loss": dict,
     "metrics": dict,
     "outputs": dict,
+    "plan": dict,
     "warnings": list,
     "errors": list,
 }

@@ -47,6 +47,12 @@ class ReviewRow:
             return f"accepted ({Path(self.acceptedLabel).name})"
         return self.status
 
+    def cells(self) -> Tuple[str, str, str, str, str]:
+        """The row as the review table shows it: case, score, foreground voxels, round,
+        status."""
+        values = (self.case, f"{self.score:.4f}", str(self.foregroundVoxels), str(self.round))
+        return values + (self.statusText(),)
+
 
 def readScores(path, roundNumber: int = 0) -> List[ReviewRow]:
     """Rows of a backend ``scores.csv``, most uncertain first."""

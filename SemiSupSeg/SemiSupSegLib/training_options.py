@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
-from SemiSupSegLib.protocol import DEVICES, METHODS
+from SemiSupSegLib.protocol import DEFAULT_BUDGET, DEVICES, METHODS, TIME_BUDGETS
 
 # The best-scoring method on the benchmark (docs/benchmarks.md): M&N co-training beats
 # supervised training at 8 and 16 labeled cases at the same budget; em and mn+em do not. The
@@ -22,11 +22,15 @@ DEFAULT_ENCODER_2D = "mobilenetv2_100"
 # The backend's setting that names the timm encoder of the 2D model (method option).
 ENCODER_SETTING = "method.encoder"
 
-# Time-budget presets: training iterations (the CPU preset of the backend uses 1500).
-PRESETS = {"quick": 300, "standard": 1500, "thorough": 5000}
+# Time-budget presets: the protocol's budgets (the backend picks their iterations for the
+# device it trains on), or a custom number of iterations.
 CUSTOM_PRESET = "custom"
-PRESET_NAMES = tuple(PRESETS) + (CUSTOM_PRESET,)
-DEFAULT_PRESET = "standard"
+PRESET_NAMES = tuple(TIME_BUDGETS) + (CUSTOM_PRESET,)
+DEFAULT_PRESET = DEFAULT_BUDGET
+# Which of a budget's iterations a device runs: "time" on a CPU or Apple MPS (time-limited),
+# "memory" on a CUDA GPU (memory-limited); keys of each ``TIME_BUDGETS`` entry.
+TIME_LIMITED, MEMORY_LIMITED = "time", "memory"
+DEFAULT_ITERATIONS = TIME_BUDGETS[DEFAULT_PRESET][TIME_LIMITED]
 # A fast retraining round (Retrain, warm start) starts from the last round's model and runs
 # this share of the chosen budget: on the benchmark, 4 corrected cases added to 8, it reaches
 # the Dice of training from scratch with mn, mn+em and em, and comes within 0.003 with
@@ -42,16 +46,27 @@ class OptionsError(ValueError):
 
 @dataclass
 class TrainingOptions:
+    """The panel's training choices.
+
+    ``preset`` names a time budget (sent as the job's ``budget``: the backend runs its
+    iterations for the device it trains on) or is ``custom`` (``iterations`` is sent).
+    ``budgetLimit`` is what limits the device the panel detected (``budgetLimitOf``): it picks
+    the budget's iterations the panel shows and a retraining round's share is taken of.
+    ``retraining`` marks a warm-started retraining round (``forRetraining``).
+    """
+
     method: str = DEFAULT_METHOD
     network: str = DEFAULT_NETWORK_3D
     encoder: str = DEFAULT_ENCODER_2D
     preset: str = DEFAULT_PRESET
-    iterations: int = PRESETS[DEFAULT_PRESET]
+    iterations: int = DEFAULT_ITERATIONS
     device: str = "auto"
     modality: str = "MR"
     extraSettings: Dict[str, Any] = field(default_factory=dict)
     retrainShare: float = RETRAIN_SHARE
     warmStart: bool = True
+    budgetLimit: str = TIME_LIMITED
+    retraining: bool = False
 
     def validate(self) -> "TrainingOptions":
         if self.method not in METHODS:
@@ -60,6 +75,10 @@ class TrainingOptions:
             raise OptionsError(f"device {self.device!r} is not one of {list(DEVICES)}")
         if self.preset not in PRESET_NAMES:
             raise OptionsError(f"preset {self.preset!r} is not one of {list(PRESET_NAMES)}")
+        if self.budgetLimit not in (TIME_LIMITED, MEMORY_LIMITED):
+            raise OptionsError(
+                f"budget limit {self.budgetLimit!r} is not {TIME_LIMITED!r} or {MEMORY_LIMITED!r}"
+            )
         if not self.network.strip():
             raise OptionsError("the 3D network name is empty")
         if self.method in METHODS_WITH_2D_ENCODER and not self.encoder.strip():
@@ -73,25 +92,37 @@ class TrainingOptions:
         return self
 
     def forRetraining(self) -> "TrainingOptions":
-        """The options of a retraining round: warm-started, ``retrainShare`` of the iterations
-        (at least one); from scratch (``warmStart`` off), the full budget. Nothing else
-        changes."""
+        """The options of a retraining round: warm-started, ``retrainShare`` of the budget's
+        iterations on the detected device (at least one), sent explicitly; from scratch
+        (``warmStart`` off), the full budget. Nothing else changes."""
         if not self.warmStart:
             return self
-        iterations = max(1, int(round(self.totalIterations() * self.retrainShare)))
-        return replace(self, preset=CUSTOM_PRESET, iterations=iterations)
+        return replace(self, retraining=True)
+
+    @property
+    def budget(self) -> str:
+        """The job's ``budget``: the named preset, else the protocol's default (explicit
+        iterations win over it)."""
+        return self.preset if self.preset in TIME_BUDGETS else DEFAULT_BUDGET
 
     def totalIterations(self) -> int:
-        if self.preset in PRESETS:
-            return PRESETS[self.preset]
-        return int(self.iterations)
+        """The iterations this round runs: a named budget's on the detected device (what the
+        panel shows), the custom number, or a retraining round's share of either."""
+        if self.preset in TIME_BUDGETS:
+            iterations = TIME_BUDGETS[self.preset][self.budgetLimit]
+        else:
+            iterations = int(self.iterations)
+        if self.retraining:
+            return max(1, int(round(iterations * self.retrainShare)))
+        return iterations
 
     def settings(self) -> Dict[str, Any]:
-        """The job's ``settings``: iterations, network, encoder (2D methods), then extras."""
-        settings: Dict[str, Any] = {
-            "iterations": self.totalIterations(),
-            "network": self.network.strip(),
-        }
+        """The job's ``settings``: iterations (custom budget or a retraining round; a named
+        budget is the job's ``budget``), network, encoder (2D methods), then extras."""
+        settings: Dict[str, Any] = {}
+        if self.preset == CUSTOM_PRESET or self.retraining:
+            settings["iterations"] = self.totalIterations()
+        settings["network"] = self.network.strip()
         if self.method in METHODS_WITH_2D_ENCODER:
             settings[ENCODER_SETTING] = self.encoder.strip()
         settings.update(self.extraSettings)
@@ -140,6 +171,30 @@ def _splitTopLevel(text: str) -> List[str]:
     return parts
 
 
+def describeBudgets() -> str:
+    """The time budgets' iterations on each kind of device, for the preset's tool tip."""
+    names = "/".join(TIME_BUDGETS)
+    time = " / ".join(str(b[TIME_LIMITED]) for b in TIME_BUDGETS.values())
+    memory = " / ".join(str(b[MEMORY_LIMITED]) for b in TIME_BUDGETS.values())
+    return (
+        f"{names}: {time} iterations on a CPU or Apple GPU, {memory} on a CUDA GPU (the "
+        f"backend plans the rest from the data); {CUSTOM_PRESET}: set the number."
+    )
+
+
+def budgetLimitOf(probe: Optional[Dict[str, Any]], device: str) -> str:
+    """What will limit training, from the dependency probe and the device choice: memory on a
+    CUDA GPU the probe found (device auto or cuda), else time (CPU, Apple MPS, not probed)."""
+    if device in ("auto", "cuda") and _cudaDevices(probe):
+        return MEMORY_LIMITED
+    return TIME_LIMITED
+
+
+def _cudaDevices(probe: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    torch = (probe or {}).get("torch") or {}
+    return list(torch.get("cuda_devices") or []) if torch.get("installed") else []
+
+
 def describeGpu(probe: Optional[Dict[str, Any]]) -> Tuple[str, bool]:
     """A short text for the detected accelerator and whether a GPU is usable, from a probe."""
     if not probe:
@@ -147,7 +202,7 @@ def describeGpu(probe: Optional[Dict[str, Any]]) -> Tuple[str, bool]:
     torch = probe.get("torch") or {}
     if not torch.get("installed"):
         return "unknown (torch is not installed in this Python)", False
-    devices = torch.get("cuda_devices") or []
+    devices = _cudaDevices(probe)
     if devices:
         names = ", ".join(f"{d.get('name')} ({d.get('memory_gb', 0):.0f} GB)" for d in devices)
         return f"CUDA: {names}", True

@@ -14,13 +14,17 @@ A Python console user can script a round::
 """
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from SemiSupSegLib import mrml_io
-from SemiSupSegLib.backend_process import BackendProcess, backendCommand, backendEnvironment
-from SemiSupSegLib.job_export import JobExporter, LabeledPair
+from SemiSupSegLib.backend_process import (
+    BackendProcess,
+    backendCommand,
+    backendEnvironment,
+    slicerPython,
+)
+from SemiSupSegLib.job_export import ExportProgress, JobExporter, LabeledPair
 from SemiSupSegLib.job_runner import JobRunner
 from SemiSupSegLib.protocol import JOB_FILE_NAME, JobSpec
 from SemiSupSegLib.results import ResultsError, ReviewRow, Session
@@ -43,7 +47,7 @@ class Workflow:
     ) -> None:
         self.scene = scene
         self.processFactory = processFactory
-        self.python = python or sys.executable
+        self.python = python or slicerPython()
         self.environment = dict(environment) if environment is not None else None
         self.session = Session.load(outputFolder)
         self.runner: Optional[JobRunner] = None
@@ -62,6 +66,12 @@ class Workflow:
             self.session = Session.load(folder)
             self.loaded = {}
 
+    def forgetSceneNodes(self) -> None:
+        """The scene is closing: drop the loaded review cases and the scene volumes of earlier
+        exports (cases load from their files again). A running job is not affected."""
+        self.loaded = {}
+        self.sourceVolumes = {}
+
     # -------------------------------------------------------------------- export
 
     def exportJob(
@@ -70,23 +80,32 @@ class Workflow:
         unlabeledVolumes: Sequence[Any] = (),
         unlabeledFolder: Optional[str] = None,
         options: Optional[TrainingOptions] = None,
+        progress: Optional[ExportProgress] = None,
     ) -> Path:
-        """Write a new round's job folder from the scene; returns the path of job.json."""
-        return self._export(pairs, unlabeledVolumes, unlabeledFolder, options, retrain=False)
+        """Write a new round's job folder from the scene; returns the path of job.json.
+
+        ``progress`` hears of each file written; if it raises (e.g. ``ExportCancelled``), the
+        round's folder is removed again."""
+        return self._export(
+            pairs, unlabeledVolumes, unlabeledFolder, options, retrain=False, progress=progress
+        )
 
     def exportRetrainJob(
         self,
         pairs: Sequence[LabeledPair],
         options: Optional[TrainingOptions] = None,
+        progress: Optional[ExportProgress] = None,
     ) -> Path:
         """The next round: the scene's labeled pairs plus every accepted case, the remaining
         unlabeled cases of the last round, warm-started from the last round's model for
         ``options.retrainShare`` of the iterations, or from scratch for the full budget if
         ``options.warmStart`` is off (``TrainingOptions.forRetraining``)."""
         options = (options or TrainingOptions()).validate().forRetraining()
-        return self._export(pairs, (), None, options, retrain=True)
+        return self._export(pairs, (), None, options, retrain=True, progress=progress)
 
-    def _export(self, pairs, unlabeledVolumes, unlabeledFolder, options, retrain: bool) -> Path:
+    def _export(
+        self, pairs, unlabeledVolumes, unlabeledFolder, options, retrain: bool, progress=None
+    ) -> Path:
         if self.running:
             raise WorkflowError("a job is already running")
         extraLabeled, extraUnlabeled, initFrom, classes = [], [], None, None
@@ -114,6 +133,7 @@ class Workflow:
                 extraLabeled=extraLabeled,
                 extraUnlabeled=extraUnlabeled,
                 classes=classes,
+                progress=progress,
             )
         except Exception:
             shutil.rmtree(jobDir, ignore_errors=True)
@@ -149,6 +169,11 @@ class Workflow:
     def cancel(self) -> None:
         if self.runner is not None:
             self.runner.cancel()
+
+    def shutdown(self) -> None:
+        """Stop a running job and wait until its processes are gone (Slicer is closing)."""
+        if self.runner is not None:
+            self.runner.stop()
 
     def wait(
         self, timeout: Optional[float] = None, processEvents: Optional[Callable[[], None]] = None
@@ -199,7 +224,7 @@ class Workflow:
         """Save the case's (possibly corrected) segmentation as a new label file version and
         move the case into the labeled set of the next round. Never overwrites a file."""
         row = self.row(case, roundNumber)
-        loaded = self.loaded.get(case)
+        loaded = self.loadedCase(case)
         if segmentationNode is None:
             if loaded is None:
                 raise WorkflowError(f"load case '{case}' before accepting it")
@@ -217,3 +242,12 @@ class Workflow:
                 path.unlink()  # the reserved name was never written
             raise
         return self.session.accept(case, row.image, path, row.round)
+
+    def loadedCase(self, case: str) -> Optional[LoadedCase]:
+        """The case as loaded in the scene, or None (never loaded, or its nodes were removed)."""
+        loaded = self.loaded.get(case)
+        return loaded if loaded is not None and self._inScene(loaded) else None
+
+    def _inScene(self, loaded: LoadedCase) -> bool:
+        nodes = (loaded.volume, loaded.segmentation, loaded.uncertainty)
+        return all(node is not None and self.scene.IsNodePresent(node) for node in nodes)

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from SemiSupSegLib.protocol import (
+    DEFAULT_BUDGET,
     EXIT_CANCELLED,
     EXIT_FAILED,
     EXIT_OK,
     METHODS,
+    TIME_BUDGETS,
     ProtocolError,
     shorten,
 )
@@ -81,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="intensity normalisation; default from dataset.json, else MR (z-score)",
     )
     train.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1,1,1 (x,y,z)")
+    train.add_argument(
+        "--budget",
+        choices=list(TIME_BUDGETS),
+        default=DEFAULT_BUDGET,
+        help="training time in your terms, scaled to the device: quick, standard (default: "
+        "about half an hour on a CPU, the published 6000 iterations on a GPU) or thorough; "
+        "--iterations overrides it",
+    )
+    train.add_argument(
+        "--plan",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto (default): plan spacing, patch, batch, network depth, normalisation and "
+        "iterations from the data and the device, shown before training; off: the fixed CPU "
+        "preset of TrainConfig",
+    )
     train.add_argument(
         "--set",
         action="append",
@@ -212,23 +230,26 @@ def _rank_error(world: World, message: str) -> None:
 def _train(args: argparse.Namespace, events) -> None:
     from SemiSupSegLib.backend.cancellation import StopFlag
     from SemiSupSegLib.backend.config import TrainConfig, parse_setting
+    from SemiSupSegLib.backend.planning import plan_training
     from SemiSupSegLib.backend.training import train
     from SemiSupSegLib.backend.validation import check_dataset
 
     dataset = _load_training_data(args)
-    values = {"method": args.method, "device": args.device, "modality": dataset.modality}
-    for name, option in (("network", "network"), ("iterations", "iterations"), ("seed", "seed")):
-        if getattr(args, option) is not None:
-            values[name] = getattr(args, option)
-    if args.modality:
-        values["modality"] = args.modality
+    base = {"method": args.method, "device": args.device, "modality": dataset.modality}
+    explicit = {}
+    for name in ("network", "iterations", "seed", "modality"):
+        if getattr(args, name) is not None:
+            explicit[name] = getattr(args, name)
     if args.spacing:
-        values["target_spacing"] = args.spacing
+        explicit["target_spacing"] = args.spacing
     for text in args.set:
         key, value = parse_setting(text)
-        values[key] = value
-    config = TrainConfig.from_dict(values).validate()
+        explicit[key] = value
+    config = TrainConfig.from_dict({**base, **explicit}).validate()
     check_dataset(dataset, events, check_unlabeled=config.method != "supervised")
+    plan = None
+    if args.plan == "auto" and not args.resume:
+        config, plan = plan_training(dataset, base, explicit, events, args.budget)
     with StopFlag().installed() as stop:
         train(
             dataset,
@@ -238,7 +259,8 @@ def _train(args: argparse.Namespace, events) -> None:
             stop,
             resume=args.resume,
             init_from=args.init_from,
-            new_budget=config.iterations if "iterations" in values else None,
+            plan=plan,
+            new_budget=config.iterations if "iterations" in explicit else None,
         )
 
 

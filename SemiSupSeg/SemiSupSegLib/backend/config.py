@@ -41,6 +41,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the 3D network(s) in place (checkpoints unchanged)
     modality: str = "MR"
     ct_window: Tuple[float, float] = (-1000.0, 1000.0)
+    # CT, planned: clip to the foreground's (0.5, 99.5) percentiles, z-score with its mean, std
+    ct_foreground_stats: Optional[Tuple[float, float, float, float]] = None
     target_spacing: Optional[Tuple[float, float, float]] = None
     augment: bool = True
     flip_axes: Tuple[int, ...] = ()
@@ -153,6 +155,12 @@ class TrainConfig:
         if self.modality not in ("MR", "CT", "other"):
             raise ConfigError(
                 f"modality must be MR, CT or other, got {shorten(repr(self.modality))}"
+            )
+        stats = self.ct_foreground_stats
+        if stats is not None and (len(stats) != 4 or stats[0] >= stats[1] or stats[3] <= 0):
+            raise ConfigError(
+                "ct_foreground_stats must be low, high, mean, std with low < high and std > 0, "
+                f"got {shorten(str(stats))}"
             )
         if self.target_spacing is not None and (
             len(self.target_spacing) != 3 or not all(0 < v < math.inf for v in self.target_spacing)

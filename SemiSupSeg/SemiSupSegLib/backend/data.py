@@ -111,7 +111,13 @@ def load_case(case: Case, config: TrainConfig) -> PreparedVolume:
     image = read_image(case.image)
     label = read_image(case.label) if case.label is not None else None
     return prepare_volume(
-        case.name, image, label, config.modality, config.target_spacing, config.ct_window
+        case.name,
+        image,
+        label,
+        config.modality,
+        config.target_spacing,
+        config.ct_window,
+        config.ct_foreground_stats,
     )
 
 

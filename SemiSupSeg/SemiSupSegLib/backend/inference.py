@@ -128,6 +128,7 @@ class Predictor:
             p["modality"],
             p.get("target_spacing"),
             tuple(p.get("ct_window", (-1000, 1000))),
+            p.get("ct_foreground_stats"),
         )
 
     @torch.no_grad()

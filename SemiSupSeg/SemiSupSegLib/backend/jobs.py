@@ -30,6 +30,7 @@ def dataset_from_job(job: JobSpec) -> Dataset:
 
 
 def config_from_job(job: JobSpec) -> TrainConfig:
+    """The job's settings on top of the defaults, without a plan."""
     values: Dict[str, Any] = {"method": job.method, "device": job.device, "modality": job.modality}
     values.update(job.settings)
     return TrainConfig.from_dict(values).validate()
@@ -46,13 +47,29 @@ def run_job(
     events = events or EventSink(quiet=True)
     job = JobSpec.load(job_path).resolve(job_path.parent)
     dataset = dataset_from_job(job)
-    config = config_from_job(job)
+    config = config_from_job(job)  # the job's own settings are checked before any planning
     check_dataset(dataset, events)
+    plan = None
+    if job.plan and not resume:
+        from SemiSupSegLib.backend.planning import plan_training
+
+        base = {"method": job.method, "device": job.device, "modality": job.modality}
+        config, plan = plan_training(dataset, base, dict(job.settings), events, job.budget)
 
     output = Path(job.output)
     run_dir = output / RUN_FOLDER
     budget = config.iterations if "iterations" in job.settings else None
-    train(dataset, config, run_dir, events, stop, resume, job.init_from, new_budget=budget)
+    train(
+        dataset,
+        config,
+        run_dir,
+        events,
+        stop,
+        resume=resume,
+        init_from=job.init_from,
+        plan=plan,
+        new_budget=budget,
+    )
     outputs = {"model": str(run_dir / "model.pt"), "run": str(run_dir)}
     if job.predict_unlabeled and dataset.unlabeled:
         predictor = Predictor.from_run(run_dir, device=config.device)

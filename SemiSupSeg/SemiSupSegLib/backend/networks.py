@@ -42,8 +42,19 @@ def list_networks() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def network_divisor(name: str) -> int:
-    return _entry(name).divisor
+def network_divisors(name: str, options: Dict[str, Any]) -> Tuple[int, int, int]:
+    """What each patch axis (x, y, z) must be a multiple of: the product of the strides along
+    it when the options give per-axis ``strides`` (as a plan does for ``unet``), else the
+    network's fixed divisor."""
+    strides = options.get("strides")
+    if not strides:
+        return (_entry(name).divisor,) * 3
+    product = [1, 1, 1]
+    for stride in strides:
+        per_axis = [stride] * 3 if isinstance(stride, int) else list(stride)
+        for axis, value in enumerate(reversed(per_axis)):  # strides are (z, y, x)
+            product[axis] *= int(value)
+    return tuple(product)
 
 
 def _entry(name: str) -> NetworkEntry:

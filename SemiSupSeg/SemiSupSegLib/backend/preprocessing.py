@@ -25,6 +25,8 @@ def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], is_label: b
     """Resample onto a grid of the given (x, y, z) spacing covering the same physical extent."""
     old_spacing = np.array(image.GetSpacing())
     new_spacing = np.array(spacing, dtype=float)
+    if np.allclose(old_spacing, new_spacing, rtol=1e-6, atol=0):
+        return image
     size = np.maximum(np.round(np.array(image.GetSize()) * old_spacing / new_spacing), 1)
     return sitk.Resample(
         image,
@@ -46,10 +48,18 @@ def resample_like(image: sitk.Image, reference: sitk.Image, is_label: bool) -> s
 
 
 def normalize_intensity(
-    array: np.ndarray, modality: str, ct_window: Tuple[float, float] = (-1000.0, 1000.0)
+    array: np.ndarray,
+    modality: str,
+    ct_window: Tuple[float, float] = (-1000.0, 1000.0),
+    ct_foreground_stats: Optional[Sequence[float]] = None,
 ) -> np.ndarray:
-    """Z-score per volume (MR and other), or clip to the CT window and scale to [0, 1]."""
+    """Z-score per volume (MR and other). CT: with the planned foreground statistics (low,
+    high, mean, std), clip to [low, high] and z-score with the foreground's mean and std
+    (nnU-Net's CT scheme); without them, clip to the CT window and scale to [0, 1]."""
     array = array.astype(np.float32, copy=False)
+    if modality == "CT" and ct_foreground_stats is not None:
+        low, high, mean, std = (float(v) for v in ct_foreground_stats)
+        return ((np.clip(array, low, high) - mean) / std).astype(np.float32)
     if modality == "CT":
         low, high = ct_window
         scale = mt.ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
@@ -80,6 +90,7 @@ def prepare_volume(
     modality: str,
     target_spacing: Optional[Sequence[float]] = None,
     ct_window: Tuple[float, float] = (-1000.0, 1000.0),
+    ct_foreground_stats: Optional[Sequence[float]] = None,
 ) -> PreparedVolume:
     """Resample (if asked) and normalise one case already read from disk."""
     working = sitk.Cast(image, sitk.sitkFloat32)
@@ -87,7 +98,9 @@ def prepare_volume(
         working = resample_to_spacing(working, target_spacing, is_label=False)
         if label is not None:
             label = resample_to_spacing(label, target_spacing, is_label=True)
-    array = normalize_intensity(sitk.GetArrayFromImage(working), modality, ct_window)[None]
+    array = normalize_intensity(
+        sitk.GetArrayFromImage(working), modality, ct_window, ct_foreground_stats
+    )[None]
     label_array = None
     if label is not None:
         label_array = sitk.GetArrayFromImage(label).astype(np.uint8)[None]

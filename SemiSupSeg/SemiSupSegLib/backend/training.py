@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from monai.utils import set_determinism
@@ -32,7 +32,12 @@ from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink, RateEstimator
 from SemiSupSegLib.backend.folder_lock import holds_folder
 from SemiSupSegLib.backend.methods import Method, create_method
-from SemiSupSegLib.backend.networks import network_divisor
+from SemiSupSegLib.backend.methods.base import StepResult
+from SemiSupSegLib.backend.networks import network_divisors
+from SemiSupSegLib.backend.planning import PLAN_NAME, Plan
+
+#: Called after each iteration: (iterations done, method, the step's result).
+StepCallback = Callable[[int, Method, StepResult], None]
 
 
 @dataclass
@@ -45,12 +50,12 @@ class TrainResult:
 
 def adjust_patch_size(config: TrainConfig, events: EventSink) -> TrainConfig:
     """Round the patch size up to what the network's down-sampling needs, and say so."""
-    divisor = network_divisor(config.network)
-    patch = tuple(int(-(-s // divisor) * divisor) for s in config.patch_size)
+    divisors = network_divisors(config.network, config.network_options)
+    patch = tuple(int(-(-s // d) * d) for s, d in zip(config.patch_size, divisors))
     if patch != tuple(config.patch_size):
         events.warn(
             f"patch size {tuple(config.patch_size)} rounded up to {patch}: "
-            f"network {config.network!r} needs multiples of {divisor}"
+            f"network {config.network!r} needs multiples of {'x'.join(map(str, divisors))}"
         )
         config = config.with_setting("patch_size", list(patch))
     return config
@@ -65,9 +70,19 @@ def train(
     stop: Optional[StopFlag] = None,
     resume: bool = False,
     init_from: Optional[str | Path] = None,
+    plan: Optional[Plan] = None,
+    callbacks: Sequence[StepCallback] = (),
     new_budget: Optional[int] = None,
 ) -> TrainResult:
     """Train ``config.method`` on ``dataset`` into ``run_dir``.
+
+    ``callbacks`` are called after every iteration on the main process with the number of
+    iterations done, the method (its networks in training mode) and the step's result; a
+    callback that changes a network's mode must restore it. Scripts use them to watch
+    training (e.g. ``scripts/mn_diagnostics.py``).
+
+    ``plan``, when the settings were planned (``planning.plan_training``), is written to
+    ``plan.json`` in the run folder beside ``config.json``.
 
     Writes ``checkpoint.pt`` (resumable) every ``checkpoint_every`` iterations and at the end,
     and ``model.pt`` (what ``predict`` loads). Raises CancelledError after saving a checkpoint
@@ -123,6 +138,8 @@ def train(
             init_from,
             world,
             distributed.rank_device(device, world),
+            plan,
+            callbacks,
         )
 
 
@@ -136,6 +153,8 @@ def _train(
     init_from: Optional[str | Path],
     world: distributed.World,
     device: torch.device,
+    plan: Optional[Plan] = None,
+    callbacks: Sequence[StepCallback] = (),
 ) -> TrainResult:
     """``train`` once the config and device are settled, on one rank (or the only process)."""
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -200,7 +219,7 @@ def _train(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _remove_previous_outputs(run_dir, keep_checkpoint=state is not None)
-        _write_run_files(run_dir, config, dataset)
+        _write_run_files(run_dir, config, dataset, plan)
     events.emit(
         "start",
         stage="training",
@@ -282,6 +301,9 @@ def _train(
             _check_finite(losses, iteration, config)
             rate.step()
             done = iteration + 1
+            if main:
+                for callback in callbacks:
+                    callback(done, method, result)
             if done % config.log_every == 0 or done == config.iterations:
                 events.progress(
                     stage,
@@ -487,6 +509,7 @@ def _preprocessing(config: TrainConfig) -> Dict[str, Any]:
         "modality": config.modality,
         "target_spacing": config.target_spacing,
         "ct_window": config.ct_window,
+        "ct_foreground_stats": config.ct_foreground_stats,
         "patch_size": config.patch_size,
     }
 
@@ -511,15 +534,19 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _remove_previous_outputs(run_dir: Path, keep_checkpoint: bool) -> None:
-    """Remove a previous run's model (and, unless resuming, its checkpoint) before this run
-    writes its settings: the folder then holds one run or, until it ends, no model."""
-    names = [MODEL_NAME] if keep_checkpoint else [MODEL_NAME, CHECKPOINT_NAME]
+    """Remove a previous run's model (and, unless resuming, its checkpoint and plan) before
+    this run writes its settings: the folder then holds one run or, until it ends, no model."""
+    names = [MODEL_NAME] if keep_checkpoint else [MODEL_NAME, CHECKPOINT_NAME, PLAN_NAME]
     for name in names:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def _write_run_files(run_dir: Path, config: TrainConfig, dataset: Dataset) -> None:
+def _write_run_files(
+    run_dir: Path, config: TrainConfig, dataset: Dataset, plan: Optional[Plan]
+) -> None:
     write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
+    if plan is not None:
+        write_text_atomic(run_dir / PLAN_NAME, json.dumps(plan.to_dict(), indent=2))
     cases = {
         "classes": {str(k): v for k, v in dataset.classes.items()},
         "labeled": [

@@ -6,6 +6,12 @@ from SemiSupSegLib.backend.methods import (
     supervised,  # noqa: F401  (registers itself)
     teacher_student,  # noqa: F401  (mean-teacher, ua-mt)
 )
-from SemiSupSegLib.backend.methods.base import Method, create_method, list_methods, register_method
+from SemiSupSegLib.backend.methods.base import (
+    Method,
+    create_method,
+    list_methods,
+    method_class,
+    register_method,
+)
 
-__all__ = ["Method", "create_method", "list_methods", "register_method"]
+__all__ = ["Method", "create_method", "list_methods", "method_class", "register_method"]

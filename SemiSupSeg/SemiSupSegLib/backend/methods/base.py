@@ -34,13 +34,16 @@ def list_methods() -> list:
     return sorted(_REGISTRY)
 
 
+def method_class(name: str) -> Type[Method]:
+    """The registered class of method ``name`` (its capabilities, without building it)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
 def create_method(config: TrainConfig, num_classes: int, device: torch.device) -> Method:
     """Instantiate the method ``config.method`` names."""
-    cls = _REGISTRY.get(config.method)
-    if cls is None:
-        raise ConfigError(
-            f"method {config.method!r} is not available in this version; available: {list_methods()}"
-        )
+    cls = method_class(config.method)
     return cls(config, num_classes, device)
 
 
