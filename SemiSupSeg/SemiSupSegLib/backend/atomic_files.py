@@ -9,11 +9,15 @@ process left behind (see ``folder_lock``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 #: Marks a temporary file or folder of ours (see ``temporary_name``).
 TEMPORARY_MARK = ".tmp"
+#: A ``temporary_name`` (the random part is absent in those of older versions).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+(-[0-9a-f]{8})?\.tmp(\..*)?$")
 
 
 def temporary_name(name: str, ending: str = "") -> str:
@@ -36,15 +40,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def remove_temporaries(folder: Path, prefix: str = ".") -> None:
-    """Remove the temporary files and folders (``temporary_name``) a killed writer left in
-    ``folder``, those whose name starts with ``prefix``; lock files stay."""
+def remove_temporaries(folder: Path, name: Optional[str] = None) -> None:
+    """Remove the temporary stand-ins (``temporary_name``) a killed writer left in ``folder``:
+    all of them, or only those of ``name``."""
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        name = entry.name
-        if name.startswith(prefix) and TEMPORARY_MARK in name and not name.endswith(".lock"):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        match = _TEMPORARY.match(entry.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

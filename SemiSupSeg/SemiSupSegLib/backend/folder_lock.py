@@ -101,7 +101,7 @@ class FolderLock:
             self.release()
             raise DataError(self.folder, "folder is not writable")
         remove_temporaries(self.folder)
-        remove_temporaries(self.folder.parent, prefix=f".{self.folder.name}.")
+        remove_temporaries(self.folder.parent, name=self.folder.name)
         return self
 
     def release(self) -> None:

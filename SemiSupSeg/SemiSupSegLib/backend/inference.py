@@ -258,8 +258,8 @@ def predict_cases(
     source = predictor.source
     if source.get("iteration") is not None and source["iteration"] < (source["iterations"] or 0):
         events.warn(
-            f"{source['file']}: the checkpoint of an unfinished training (iteration "
-            f"{source['iteration']} of {source['iterations']}); its run folder has no model.pt"
+            f"{source['file']}: predicting with the checkpoint of an unfinished training "
+            f"(iteration {source['iteration']} of {source['iterations']}), not a finished model"
         )
     rows: List[Dict[str, Any]] = []
     with FolderLock(out_dir):
