@@ -11,6 +11,7 @@ import os
 import pickle
 import platform
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -83,7 +84,10 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     if not path.exists():
         raise DataError(path, "checkpoint file not found")
     try:
-        with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+        # A file that is not torch's own format makes torch warn about its pickle protocol
+        # before refusing it; the refusal below says what the user needs to know.
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" not in str(err).lower():  # the weights-only reader's word for an object
