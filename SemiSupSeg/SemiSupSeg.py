@@ -768,7 +768,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
     def shutdown(self) -> None:
         """Stop the running job and the dependency check, and wait until their processes are
-        gone: SIGTERM, the grace time for the backend to save a checkpoint, then kill."""
+        gone: a stop request, the grace time for the backend to save a checkpoint, then kill."""
         if self._probeProcess is not None:
             self._probeProcess.stop()
             self._probeProcess = None
