@@ -365,6 +365,52 @@ def test_slicers_python_is_pythonslicer_not_the_application(module, tmp_path, mo
     assert logic.pythonExecutable(p) == "/opt/conda/bin/python3.11"  # scripts and tests
 
 
+def test_pythonslicer_in_a_macos_bundle_and_when_slicer_names_no_python(
+    module, tmp_path, monkeypatch
+):
+    """Current Slicer sets sys.executable to PythonSlicer found on the PATH, or to "" when it
+    is not there; in a macOS bundle the application is in Contents/MacOS and PythonSlicer in
+    Contents/bin."""
+    semisupseg, _scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    monkeypatch.setattr(sys, "executable", "")
+    with pytest.raises(FileNotFoundError, match="not on the PATH.*sys.executable is empty"):
+        logic.pythonExecutable(p)
+    contents = tmp_path / "Slicer.app" / "Contents"
+    application = executable(contents / "MacOS" / "Slicer")
+    monkeypatch.setattr(sys, "executable", str(application))
+    with pytest.raises(FileNotFoundError, match="next to .*Slicer"):
+        logic.pythonExecutable(p)
+    in_bin = executable(contents / "bin" / "PythonSlicer")
+    assert logic.pythonExecutable(p) == str(in_bin)
+
+
+def test_an_external_python_works_where_pythonslicer_cannot_be_found(module, tmp_path, monkeypatch):
+    """The panel (its tables, the export) and a job in an external Python need no
+    PythonSlicer; only a job in Slicer's own Python does, and it says so when it starts."""
+    semisupseg, scene = module
+    external = pathlib.Path(sys.executable)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    monkeypatch.setattr(sys, "executable", "")  # Slicer: PythonSlicer not on the PATH
+    FakeProcess.script, FakeProcess.returncode = [], 0
+    logic = semisupseg.SemiSupSegLogic(processFactory=FakeProcess)
+    p = logic.getParameterNode()
+    p.outputFolder, p.method = tmp_path / "out", "supervised"
+    assert logic.reviewRows(p) == []
+    volume = mrml_io.readVolumeNode(scene, hippocampusCase("001")[0], "hc001")
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volume, "hc001 labels")
+    logic.setLabeledNodePairs(p, [(volume, labels)])
+    jobPath = logic.exportJob(p)
+    with pytest.raises(FileNotFoundError, match="choose an external Python environment"):
+        logic.startJob(jobPath, p)
+    assert not logic.running
+    p.useExternalPython, p.externalPython = True, external
+    runner = logic.startJob(jobPath, p)
+    assert runner.process.command[:3] == [str(external), "-m", "SemiSupSegLib.backend"]
+
+
 def path_fields_with_history():
     """The ctkPathLineEdit widgets of the .ui that keep a history (a settingKey)."""
     root = ET.parse(UI_FILE).getroot()

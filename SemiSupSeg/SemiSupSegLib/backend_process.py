@@ -61,19 +61,36 @@ def moduleSearchPath() -> str:
 def slicerPython(executable: Optional[str] = None) -> str:
     """Slicer's Python launcher, ``PythonSlicer``, to run the backend and the dependency probe.
 
-    Inside Slicer ``sys.executable`` is the application itself, not a Python: like
-    ``slicer.util.executePythonModule``, look for ``PythonSlicer`` on the PATH (Slicer puts its
-    bin folder there), then next to ``executable``. Outside Slicer (scripts, tests) a Python
-    interpreter is its own answer. Raises FileNotFoundError naming where it looked.
+    Current Slicer already sets ``sys.executable`` to PythonSlicer as found on the PATH
+    (qSlicerCoreApplication.cxx), and to "" when it is not there; this lookup is the fallback
+    for that case and for older Slicers, where ``sys.executable`` is the application itself.
+    Like ``slicer.util.executePythonModule``, look on the PATH (Slicer puts its bin folder
+    there), then next to ``executable`` (on macOS also in ``Contents/bin`` for an application
+    in ``Contents/MacOS``). Outside Slicer (scripts, tests) a Python interpreter is its own
+    answer.
+
+    Raises:
+        FileNotFoundError: PythonSlicer is nowhere to be found; the message says where it
+            looked.
     """
     executable = executable or sys.executable
     found = shutil.which("PythonSlicer")
     if found:
         return found
-    beside = Path(executable).with_name("PythonSlicer.exe" if IS_WINDOWS else "PythonSlicer")
-    if beside.is_file():
-        return str(beside)
-    if re.fullmatch(r"python[0-9.]*(\.exe)?", Path(executable).name, re.IGNORECASE):
+    if not executable:
+        raise FileNotFoundError(
+            "PythonSlicer is not on the PATH and Slicer did not name its Python "
+            "(sys.executable is empty); choose an external Python environment instead"
+        )
+    application = Path(executable)
+    name = "PythonSlicer.exe" if IS_WINDOWS else "PythonSlicer"
+    candidates = [application.with_name(name)]
+    if application.parent.name == "MacOS":  # Slicer.app/Contents/MacOS -> Contents/bin
+        candidates.append(application.parent.parent / "bin" / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    if re.fullmatch(r"python[0-9.]*(\.exe)?", application.name, re.IGNORECASE):
         return executable
     raise FileNotFoundError(
         f"PythonSlicer was found neither on the PATH nor next to {executable}; "
