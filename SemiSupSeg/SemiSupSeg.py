@@ -137,6 +137,9 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui to the logic; the GUI thread only polls the backend from a QTimer."""
 
     POLL_MSEC = 250
+    # The plan line's tool tip from the .ui (how the plan is made), read before a plan's table
+    # replaces it, and shown again while there is no plan.
+    _planHelp: Optional[str] = None
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -481,10 +484,12 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showPlan(self, progress=None) -> None:
         """The line under Time budget: the job's plan once the backend sent it (its table as
-        the tool tip), else how the plan is made."""
+        the tool tip), else how the plan is made (the .ui's tool tip)."""
         plan = progress.plan if progress is not None else None
+        if self._planHelp is None:
+            self._planHelp = self.ui.planLabel.property("toolTip") or ""
         self.ui.planLabel.setText(planSummary(plan))
-        self.ui.planLabel.setToolTip(progress.planTable if plan else "")
+        self.ui.planLabel.setToolTip(progress.planTable if plan else self._planHelp)
 
     def _jobFinished(self, runner) -> None:
         progress = runner.progress

@@ -22,6 +22,7 @@ import pytest
 
 from SemiSupSegLib import mrml_io
 from SemiSupSegLib.dependencies import ProbeResult
+from SemiSupSegLib.progress import ProgressModel
 from SemiSupSegLib.protocol import encode_event, make_event
 from slicer_side_helpers import (
     CLASS_NAMES,
@@ -497,6 +498,24 @@ def test_a_plan_event_fills_the_plan_line_and_the_log(module, tmp_path):
     widget.onPollTimer()  # training starts: the plan stays
     assert widget.ui.planLabel.text().startswith("Plan (cpu): 1.25 mm")
     widget.logic.shutdown()
+
+
+def test_the_plan_lines_tool_tip_explains_it_while_there_is_no_plan(module):
+    """setup shows 'no plan yet' on the plan line: its tool tip must stay the .ui's
+    explanation (real .ui in PySide6), and come back when the next job starts."""
+    semisupseg, _scene = module
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.ui = panelWidgets(loadPanel())
+    explanation = widget.ui.planLabel.toolTip()
+    assert "planned from the data and the device" in explanation
+    widget._showPlan(None)  # what setup does
+    assert widget.ui.planLabel.toolTip() == explanation
+    progress = ProgressModel()
+    progress.feedLine(planEventLine({"batch_size": 4, "iterations": 1500}))
+    widget._showPlan(progress)
+    assert widget.ui.planLabel.toolTip() == progress.planTable != explanation
+    widget._showPlan(None)  # the next job starts
+    assert widget.ui.planLabel.toolTip() == explanation
 
 
 def test_reload_reads_the_library_again(module, monkeypatch):
