@@ -227,15 +227,20 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+        elif self._watchedRunner is None:
+            self._fillResultsTable([])  # the closed scene's rows; enter() shows the new ones
 
     def initializeParameterNode(self) -> None:
+        """Also on every enter and after a scene close: the results table shows the parameter
+        node's output folder (another scene may name another one), unless a job fills it."""
         self.setParameterNode(self.logic.getParameterNode())
         if not _isSet(self._parameterNode.outputFolder):
             self._parameterNode.outputFolder = self.logic.initialOutputFolder()
-        if self._watchedRunner is None and self.ui.resultsTable.rowCount == 0:
+        if self._watchedRunner is None:
             try:
-                self._fillResultsTable()  # results of an earlier session in the output folder
+                self._fillResultsTable()
             except Exception as err:
+                self._fillResultsTable([])
                 logging.warning(f"SemiSupSeg: could not read earlier results: {err}")
 
     def setParameterNode(self, inputParameterNode: Optional[SemiSupSegParameterNode]) -> None:
@@ -590,9 +595,10 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         return pathlib.Path(slicer.app.defaultScenePath) / "SemiSupSeg"
 
     def initialOutputFolder(self) -> pathlib.Path:
-        """The output folder of a new parameter node: a running job's (so that its results
-        show when it finishes, also after the scene was closed), else the default."""
-        if self.running:
+        """The output folder of a new parameter node (after a scene close): the workflow's, so
+        that the results the panel showed, or a running job's when it finishes, stay
+        reachable; the default before any workflow."""
+        if self.workflow is not None:
             return self.workflow.outputFolder
         return self.defaultOutputFolder()
 

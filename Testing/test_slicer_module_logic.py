@@ -293,7 +293,36 @@ def slicer_util():
     return slicer.util
 
 
-def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(module, tmp_path):
+def panelOn(semisupseg, logic, monkeypatch):
+    """The widget on the real .ui (PySide6) without Slicer's setup: Qt's table items, and a
+    parameter node set without connectGui (the stand-in wrapper has none)."""
+    from PySide6 import QtCore, QtWidgets
+
+    monkeypatch.setattr(
+        semisupseg,
+        "qt",
+        types.SimpleNamespace(QTableWidgetItem=QtWidgets.QTableWidgetItem, Qt=QtCore.Qt),
+    )
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.ui = panelWidgets(loadPanel())
+    widget.logic, widget._watchedRunner, widget._parameterNode = logic, None, None
+    widget.parent = types.SimpleNamespace(isEntered=True)
+    widget.setParameterNode = lambda node: setattr(widget, "_parameterNode", node)
+    return widget
+
+
+def resultCases(widget):
+    from PySide6.QtCore import Qt
+
+    table = widget.ui.resultsTable
+    return [table.item(row, 0).data(Qt.UserRole) for row in range(table.rowCount())]
+
+
+def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(
+    module, tmp_path, monkeypatch
+):
+    """Also after a close with no job running, the results the panel shows are those of the
+    new parameter node's output folder, and a row selected there loads."""
     semisupseg, scene = module
     logic = semisupseg.SemiSupSegLogic()
     # what the widget's onSceneStartClose does
@@ -334,7 +363,34 @@ def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(mo
     loaded = logic.workflow.loadedCase("hc004")
     assert loaded is not None and scene.IsNodePresent(loaded.volume)
     assert loaded.volume is not volumes[2]  # the closed scene's node is not used
-    assert logic.initialOutputFolder() == logic.defaultOutputFolder()  # no job running
+
+    # no job running now: a close keeps the session the panel shows
+    widget = panelOn(semisupseg, logic, monkeypatch)
+    widget._parameterNode = fresh
+    widget._fillResultsTable()  # as when the job finished
+    assert resultCases(widget) == ["hc004"]
+    scene.Clear(False)
+    widget.onSceneEndClose(scene, None)
+    assert widget._parameterNode.outputFolder == tmp_path / "out"
+    assert resultCases(widget) == ["hc004"]
+    assert logic.showCase(widget._parameterNode, "hc004").volume is not None  # a row's case
+    # a scene whose parameter node names another folder: not the previous scene's rows
+    other, first = logic.getParameterNode(), logic.getParameterNode()
+    other.outputFolder, first.outputFolder = tmp_path / "other", tmp_path / "out"
+    monkeypatch.setattr(logic, "getParameterNode", lambda: other)
+    scene.Clear(False)
+    widget.onSceneEndClose(scene, None)
+    assert resultCases(widget) == []
+    monkeypatch.setattr(logic, "getParameterNode", lambda: first)
+    widget.parent.isEntered = False  # another module is shown during the close
+    widget.initializeParameterNode()
+    assert resultCases(widget) == ["hc004"]
+    scene.Clear(False)
+    widget.onSceneEndClose(scene, None)
+    assert resultCases(widget) == []  # nothing of the closed scene to click
+    logic.dependencyProbe = probeAnswer([])  # checked already: enter starts no probe
+    widget.enter()
+    assert resultCases(widget) == ["hc004"]
     scene.RemoveObserver(tag)
 
 
