@@ -39,6 +39,7 @@ from SemiSupSegLib.training_options import (
     DEFAULT_NETWORK_3D,
     DEFAULT_PRESET,
     DEVICE_NAMES,
+    MEMORY_LIMITED,
     METHODS_WITH_2D_ENCODER,
     NETWORKS_3D,
     PRESET_NAMES,
@@ -140,6 +141,9 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # The plan line's tool tip from the .ui (how the plan is made), read before a plan's table
     # replaces it, and shown again while there is no plan.
     _planHelp: Optional[str] = None
+    # Retrain was pressed before the dependency check had found the device: it starts when
+    # the check finishes.
+    _retrainAfterCheck = False
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -404,6 +408,9 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not hasGpu and self._parameterNode and self._parameterNode.device != "cpu":
             logging.warning("SemiSupSeg: no GPU found, training will run on the CPU")
         self.updateGui()  # a named budget's iterations depend on the GPU found
+        if self._retrainAfterCheck:
+            self._retrainAfterCheck = False
+            self.onRetrain()
 
     # ----------------------------------------------------------------------- run
 
@@ -415,9 +422,20 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._exportAndStart(self.logic.exportJob, _("Could not start the job."))
 
     def onRetrain(self) -> None:
-        self._exportAndStart(self.logic.exportRetrainJob, _("Could not start retraining."))
+        p = self._parameterNode
+        if self.logic.retrainWaitsForCheck(p):
+            if not self.logic.checkingDependencies:
+                self.onCheckDependencies()
+            self._retrainAfterCheck = True
+            self.ui.statusLabel.text = _(
+                "Retraining starts when the dependency check has found the device "
+                "(its share of the budget depends on it)."
+            )
+            return
+        note = self.logic.retrainNote(p)
+        self._exportAndStart(self.logic.exportRetrainJob, _("Could not start retraining."), note)
 
-    def _exportAndStart(self, export, errorText: str) -> None:
+    def _exportAndStart(self, export, errorText: str, note: Optional[str] = None) -> None:
         """Write the job's inputs under a progress dialog (its Cancel stops the export and
         removes what was written), then start the backend."""
         dialog = slicer.util.createProgressDialog(
@@ -444,11 +462,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 except ExportCancelled:
                     self.ui.statusLabel.text = _("Export cancelled: no job was started.")
                     return
-                self._start(jobPath)
+                self._start(jobPath, note)
         finally:
             dialog.close()
 
-    def _start(self, jobPath) -> None:
+    def _start(self, jobPath, note: Optional[str] = None) -> None:
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         self.ui.statusLabel.setStyleSheet("")
@@ -456,6 +474,8 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._watchedRunner = self.logic.startJob(jobPath, self._parameterNode)
         self._rememberPathsOfThisJob()
         self.ui.logTextEdit.appendPlainText(_("Job: {path}").format(path=jobPath))
+        if note:
+            self.ui.logTextEdit.appendPlainText(note)
         self.pollTimer.start()
         self.updateGui()
 
@@ -661,6 +681,46 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         time (``training_options.budgetLimitOf``)."""
         return budgetLimitOf(self.probeAnswer(), p.device)
 
+    def budgetDevice(self, p) -> str:
+        """The device a named budget's iterations are taken for, as the log names it."""
+        if self.budgetLimit(p) == MEMORY_LIMITED:
+            return _("a CUDA GPU (found by the dependency check)")
+        if p.device in ("cpu", "mps"):
+            return _("the CPU") if p.device == "cpu" else _("the Apple GPU")
+        if self.dependencyProbe is None:
+            return _("a CPU (the dependency check has not run)")
+        if self.dependencyProbe.error:
+            return _("a CPU (the dependency check failed)")
+        return _("a CPU or Apple GPU (the dependency check found no CUDA GPU)")
+
+    def retrainWaitsForCheck(self, p) -> bool:
+        """True while a fast retraining round of a named budget cannot know its iterations:
+        it is a share of the budget of the device the dependency check finds (auto or CUDA),
+        and the check has not answered yet (a failed check counts as an answer: the CPU)."""
+        return (
+            p.fastRetrain
+            and p.preset != CUSTOM_PRESET
+            and p.device in ("auto", "cuda")
+            and self.dependencyProbe is None
+        )
+
+    def retrainNote(self, p) -> str:
+        """The log line of a retraining round: a fast round's share of the iterations and the
+        device they were taken for, or the full budget of a round from scratch."""
+        options = self.trainingOptions(p)
+        retraining = options.forRetraining()
+        if not retraining.retraining:
+            return _("Retraining from scratch: the full budget.")
+        if p.preset == CUSTOM_PRESET:
+            of = _("{iterations} iterations").format(iterations=options.totalIterations())
+        else:
+            of = _("the {budget} budget's {iterations} iterations for {device}").format(
+                budget=p.preset, iterations=options.totalIterations(), device=self.budgetDevice(p)
+            )
+        return _("Fast retraining: {share:.0%} of {of} = {iterations} iterations.").format(
+            share=retraining.retrainShare, of=of, iterations=retraining.totalIterations()
+        )
+
     def budgetIterations(self, p) -> int:
         """The iterations of the chosen budget on the detected device (the custom number for
         a custom budget)."""
@@ -741,6 +801,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         )
 
     def exportRetrainJob(self, p, progress=None):
+        logging.info(f"SemiSupSeg: {self.retrainNote(p)}")
         return self.getWorkflow(p).exportRetrainJob(
             self.labeledPairs(p), self.trainingOptions(p), progress
         )

@@ -6,6 +6,7 @@ runs a round the way a Python-console user would, against the REAL backend.
 What this cannot check is how Slicer itself connects the widgets; test_slicer_ui.py checks
 the .ui side, and the in-Slicer tests (SemiSupSegTest, Testing/Python) run the panel."""
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -21,7 +22,7 @@ from unittest import mock
 import pytest
 
 from SemiSupSegLib import mrml_io
-from SemiSupSegLib.dependencies import ProbeResult
+from SemiSupSegLib.dependencies import PROBE_MARKER, ProbeResult
 from SemiSupSegLib.progress import ProgressModel
 from SemiSupSegLib.protocol import encode_event, make_event
 from slicer_side_helpers import (
@@ -124,7 +125,7 @@ def module(monkeypatch, tmp_path):
     return loaded, scene
 
 
-def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
+def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path, monkeypatch):
     semisupseg, scene = module
     logic = semisupseg.SemiSupSegLogic()
     p = logic.getParameterNode()
@@ -191,6 +192,81 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
     assert retrain["gpu"]["settings"]["iterations"] == 400  # a fifth of quick's 2000 on a GPU
     assert retrain["cpu"]["settings"]["iterations"] == 100  # a fifth of quick's 500 on a CPU
     assert retrain["cpu"]["budget"] == retrain["gpu"]["budget"] == "quick"
+    assert logic.retrainNote(p) == (
+        "Fast retraining: 20% of the quick budget's 500 iterations for a CPU or Apple GPU "
+        "(the dependency check found no CUDA GPU) = 100 iterations."
+    )
+    logic.dependencyProbe = ProbeResult(error="the Python could not be run")
+    assert not logic.retrainWaitsForCheck(p)  # a failed check is an answer, and says so:
+    assert "for a CPU (the dependency check failed) = 100" in logic.retrainNote(p)
+
+    # Retrain pressed on a GPU machine before the check answered: a fifth of the CPU budget
+    # went out; now Retrain starts the check, waits for it and logs the device
+    logic.dependencyProbe = None
+    assert logic.retrainWaitsForCheck(p)
+    retrainAfterTheCheck(semisupseg, logic, p, monkeypatch)
+
+
+class ProbeProcess:
+    """The dependency probe at the process boundary: answers after one poll."""
+
+    def __init__(self, answer):
+        self.answer, self.polls = answer, 0
+
+    def start(self):
+        return self
+
+    def poll(self):
+        self.polls += 1
+        return 0 if self.polls > 1 else None
+
+    def readLines(self, maxLines=10000):
+        return [PROBE_MARKER + json.dumps(self.answer.asDict())]
+
+    def stderrTail(self):
+        return ""
+
+
+@contextlib.contextmanager
+def noErrorDialog(*args, **kwargs):
+    yield  # the message box and wait cursor of slicer.util.tryWithErrorDisplay
+
+
+def retrainAfterTheCheck(semisupseg, logic, p, monkeypatch):
+    probes = []
+
+    def processFactory(command, env=None, cwd=None):
+        if command[1] == "-c":  # dependencies.probeCommand
+            probes.append(ProbeProcess(probeAnswer([A100])))
+            return probes[-1]
+        return FakeProcess(command, env, cwd)
+
+    logic.processFactory = processFactory
+    widget = panelOn(semisupseg, logic, monkeypatch)
+    widget._parameterNode, widget.pollTimer = p, mock.MagicMock()
+    widget.updateGui = lambda *args: None
+    widget._rememberPathsOfThisJob = lambda: None  # CTK's path fields are plain QWidgets here
+    monkeypatch.setattr(slicer_util(), "tryWithErrorDisplay", noErrorDialog)
+    dialog = mock.MagicMock(wasCanceled=False)
+    monkeypatch.setattr(slicer_util(), "createProgressDialog", lambda **kwargs: dialog)
+    rounds = sorted(logic.workflow.outputFolder.glob("round-*"))
+    runner = logic.runner
+
+    widget.onRetrain()
+    assert len(probes) == 1 and logic.checkingDependencies
+    assert sorted(logic.workflow.outputFolder.glob("round-*")) == rounds  # nothing exported
+    FakeProcess.script = [encode_event(make_event("stage", stage="training"))] * 4
+    widget.onPollTimer()  # the check is still running
+    assert logic.runner is runner
+    widget.onPollTimer()  # the check found the GPU: retraining starts
+    assert logic.runner is not runner and logic.running
+    job = json.loads(pathlib.Path(logic.runner.process.command[4]).read_text())
+    assert job["settings"]["iterations"] == 400  # a fifth of quick's 2000 on a GPU
+    assert (
+        "Fast retraining: 20% of the quick budget's 2000 iterations for a CUDA GPU (found by "
+        "the dependency check) = 400 iterations." in widget.ui.logTextEdit.toPlainText()
+    )
+    logic.shutdown()
 
 
 A100 = {"name": "NVIDIA A100", "memory_gb": 80.0}
