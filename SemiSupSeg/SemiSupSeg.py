@@ -39,6 +39,7 @@ from SemiSupSegLib.training_options import (
     DEFAULT_NETWORK_3D,
     DEFAULT_PRESET,
     DEVICE_NAMES,
+    MEMORY_LIMITED,
     METHODS_WITH_2D_ENCODER,
     NETWORKS_3D,
     PRESET_NAMES,
@@ -137,6 +138,12 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Binds the .ui to the logic; the GUI thread only polls the backend from a QTimer."""
 
     POLL_MSEC = 250
+    # The plan line's tool tip from the .ui (how the plan is made), read before a plan's table
+    # replaces it, and shown again while there is no plan.
+    _planHelp: Optional[str] = None
+    # Retrain was pressed before the dependency check had found the device: it starts when
+    # the check finishes.
+    _retrainAfterCheck = False
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -224,15 +231,20 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+        elif self._watchedRunner is None:
+            self._fillResultsTable([])  # the closed scene's rows; enter() shows the new ones
 
     def initializeParameterNode(self) -> None:
+        """Also on every enter and after a scene close: the results table shows the parameter
+        node's output folder (another scene may name another one), unless a job fills it."""
         self.setParameterNode(self.logic.getParameterNode())
         if not _isSet(self._parameterNode.outputFolder):
             self._parameterNode.outputFolder = self.logic.initialOutputFolder()
-        if self._watchedRunner is None and self.ui.resultsTable.rowCount == 0:
+        if self._watchedRunner is None:
             try:
-                self._fillResultsTable()  # results of an earlier session in the output folder
+                self._fillResultsTable()
             except Exception as err:
+                self._fillResultsTable([])
                 logging.warning(f"SemiSupSeg: could not read earlier results: {err}")
 
     def setParameterNode(self, inputParameterNode: Optional[SemiSupSegParameterNode]) -> None:
@@ -396,6 +408,9 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not hasGpu and self._parameterNode and self._parameterNode.device != "cpu":
             logging.warning("SemiSupSeg: no GPU found, training will run on the CPU")
         self.updateGui()  # a named budget's iterations depend on the GPU found
+        if self._retrainAfterCheck:
+            self._retrainAfterCheck = False
+            self.onRetrain()
 
     # ----------------------------------------------------------------------- run
 
@@ -407,9 +422,20 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._exportAndStart(self.logic.exportJob, _("Could not start the job."))
 
     def onRetrain(self) -> None:
-        self._exportAndStart(self.logic.exportRetrainJob, _("Could not start retraining."))
+        p = self._parameterNode
+        if self.logic.retrainWaitsForCheck(p):
+            if not self.logic.checkingDependencies:
+                self.onCheckDependencies()
+            self._retrainAfterCheck = True
+            self.ui.statusLabel.text = _(
+                "Retraining starts when the dependency check has found the device "
+                "(its share of the budget depends on it)."
+            )
+            return
+        note = self.logic.retrainNote(p)
+        self._exportAndStart(self.logic.exportRetrainJob, _("Could not start retraining."), note)
 
-    def _exportAndStart(self, export, errorText: str) -> None:
+    def _exportAndStart(self, export, errorText: str, note: Optional[str] = None) -> None:
         """Write the job's inputs under a progress dialog (its Cancel stops the export and
         removes what was written), then start the backend."""
         dialog = slicer.util.createProgressDialog(
@@ -436,11 +462,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 except ExportCancelled:
                     self.ui.statusLabel.text = _("Export cancelled: no job was started.")
                     return
-                self._start(jobPath)
+                self._start(jobPath, note)
         finally:
             dialog.close()
 
-    def _start(self, jobPath) -> None:
+    def _start(self, jobPath, note: Optional[str] = None) -> None:
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         self.ui.statusLabel.setStyleSheet("")
@@ -448,6 +474,8 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._watchedRunner = self.logic.startJob(jobPath, self._parameterNode)
         self._rememberPathsOfThisJob()
         self.ui.logTextEdit.appendPlainText(_("Job: {path}").format(path=jobPath))
+        if note:
+            self.ui.logTextEdit.appendPlainText(note)
         self.pollTimer.start()
         self.updateGui()
 
@@ -481,10 +509,12 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showPlan(self, progress=None) -> None:
         """The line under Time budget: the job's plan once the backend sent it (its table as
-        the tool tip), else how the plan is made."""
+        the tool tip), else how the plan is made (the .ui's tool tip)."""
         plan = progress.plan if progress is not None else None
+        if self._planHelp is None:
+            self._planHelp = self.ui.planLabel.property("toolTip") or ""
         self.ui.planLabel.setText(planSummary(plan))
-        self.ui.planLabel.setToolTip(progress.planTable if plan else "")
+        self.ui.planLabel.setToolTip(progress.planTable if plan else self._planHelp)
 
     def _jobFinished(self, runner) -> None:
         progress = runner.progress
@@ -585,9 +615,10 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         return pathlib.Path(slicer.app.defaultScenePath) / "SemiSupSeg"
 
     def initialOutputFolder(self) -> pathlib.Path:
-        """The output folder of a new parameter node: a running job's (so that its results
-        show when it finishes, also after the scene was closed), else the default."""
-        if self.running:
+        """The output folder of a new parameter node (after a scene close): the workflow's, so
+        that the results the panel showed, or a running job's when it finishes, stay
+        reachable; the default before any workflow."""
+        if self.workflow is not None:
             return self.workflow.outputFolder
         return self.defaultOutputFolder()
 
@@ -649,6 +680,46 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         """What limits training on the device the panel detected: a CUDA GPU's memory, else
         time (``training_options.budgetLimitOf``)."""
         return budgetLimitOf(self.probeAnswer(), p.device)
+
+    def budgetDevice(self, p) -> str:
+        """The device a named budget's iterations are taken for, as the log names it."""
+        if self.budgetLimit(p) == MEMORY_LIMITED:
+            return _("a CUDA GPU (found by the dependency check)")
+        if p.device in ("cpu", "mps"):
+            return _("the CPU") if p.device == "cpu" else _("the Apple GPU")
+        if self.dependencyProbe is None:
+            return _("a CPU (the dependency check has not run)")
+        if self.dependencyProbe.error:
+            return _("a CPU (the dependency check failed)")
+        return _("a CPU or Apple GPU (the dependency check found no CUDA GPU)")
+
+    def retrainWaitsForCheck(self, p) -> bool:
+        """True while a fast retraining round of a named budget cannot know its iterations:
+        it is a share of the budget of the device the dependency check finds (auto or CUDA),
+        and the check has not answered yet (a failed check counts as an answer: the CPU)."""
+        return (
+            p.fastRetrain
+            and p.preset != CUSTOM_PRESET
+            and p.device in ("auto", "cuda")
+            and self.dependencyProbe is None
+        )
+
+    def retrainNote(self, p) -> str:
+        """The log line of a retraining round: a fast round's share of the iterations and the
+        device they were taken for, or the full budget of a round from scratch."""
+        options = self.trainingOptions(p)
+        retraining = options.forRetraining()
+        if not retraining.retraining:
+            return _("Retraining from scratch: the full budget.")
+        if p.preset == CUSTOM_PRESET:
+            of = _("{iterations} iterations").format(iterations=options.totalIterations())
+        else:
+            of = _("the {budget} budget's {iterations} iterations for {device}").format(
+                budget=p.preset, iterations=options.totalIterations(), device=self.budgetDevice(p)
+            )
+        return _("Fast retraining: {share:.0%} of {of} = {iterations} iterations.").format(
+            share=retraining.retrainShare, of=of, iterations=retraining.totalIterations()
+        )
 
     def budgetIterations(self, p) -> int:
         """The iterations of the chosen budget on the detected device (the custom number for
@@ -730,6 +801,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
         )
 
     def exportRetrainJob(self, p, progress=None):
+        logging.info(f"SemiSupSeg: {self.retrainNote(p)}")
         return self.getWorkflow(p).exportRetrainJob(
             self.labeledPairs(p), self.trainingOptions(p), progress
         )
@@ -768,7 +840,7 @@ class SemiSupSegLogic(ScriptedLoadableModuleLogic):
 
     def shutdown(self) -> None:
         """Stop the running job and the dependency check, and wait until their processes are
-        gone: SIGTERM, the grace time for the backend to save a checkpoint, then kill."""
+        gone: a stop request, the grace time for the backend to save a checkpoint, then kill."""
         if self._probeProcess is not None:
             self._probeProcess.stop()
             self._probeProcess = None

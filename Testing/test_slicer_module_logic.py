@@ -6,6 +6,7 @@ runs a round the way a Python-console user would, against the REAL backend.
 What this cannot check is how Slicer itself connects the widgets; test_slicer_ui.py checks
 the .ui side, and the in-Slicer tests (SemiSupSegTest, Testing/Python) run the panel."""
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -21,7 +22,8 @@ from unittest import mock
 import pytest
 
 from SemiSupSegLib import mrml_io
-from SemiSupSegLib.dependencies import ProbeResult
+from SemiSupSegLib.dependencies import PROBE_MARKER, ProbeResult
+from SemiSupSegLib.progress import ProgressModel
 from SemiSupSegLib.protocol import encode_event, make_event
 from slicer_side_helpers import (
     CLASS_NAMES,
@@ -123,7 +125,7 @@ def module(monkeypatch, tmp_path):
     return loaded, scene
 
 
-def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
+def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path, monkeypatch):
     semisupseg, scene = module
     logic = semisupseg.SemiSupSegLogic()
     p = logic.getParameterNode()
@@ -190,6 +192,81 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path):
     assert retrain["gpu"]["settings"]["iterations"] == 400  # a fifth of quick's 2000 on a GPU
     assert retrain["cpu"]["settings"]["iterations"] == 100  # a fifth of quick's 500 on a CPU
     assert retrain["cpu"]["budget"] == retrain["gpu"]["budget"] == "quick"
+    assert logic.retrainNote(p) == (
+        "Fast retraining: 20% of the quick budget's 500 iterations for a CPU or Apple GPU "
+        "(the dependency check found no CUDA GPU) = 100 iterations."
+    )
+    logic.dependencyProbe = ProbeResult(error="the Python could not be run")
+    assert not logic.retrainWaitsForCheck(p)  # a failed check is an answer, and says so:
+    assert "for a CPU (the dependency check failed) = 100" in logic.retrainNote(p)
+
+    # Retrain pressed on a GPU machine before the check answered: a fifth of the CPU budget
+    # went out; now Retrain starts the check, waits for it and logs the device
+    logic.dependencyProbe = None
+    assert logic.retrainWaitsForCheck(p)
+    retrainAfterTheCheck(semisupseg, logic, p, monkeypatch)
+
+
+class ProbeProcess:
+    """The dependency probe at the process boundary: answers after one poll."""
+
+    def __init__(self, answer):
+        self.answer, self.polls = answer, 0
+
+    def start(self):
+        return self
+
+    def poll(self):
+        self.polls += 1
+        return 0 if self.polls > 1 else None
+
+    def readLines(self, maxLines=10000):
+        return [PROBE_MARKER + json.dumps(self.answer.asDict())]
+
+    def stderrTail(self):
+        return ""
+
+
+@contextlib.contextmanager
+def noErrorDialog(*args, **kwargs):
+    yield  # the message box and wait cursor of slicer.util.tryWithErrorDisplay
+
+
+def retrainAfterTheCheck(semisupseg, logic, p, monkeypatch):
+    probes = []
+
+    def processFactory(command, env=None, cwd=None):
+        if command[1] == "-c":  # dependencies.probeCommand
+            probes.append(ProbeProcess(probeAnswer([A100])))
+            return probes[-1]
+        return FakeProcess(command, env, cwd)
+
+    logic.processFactory = processFactory
+    widget = panelOn(semisupseg, logic, monkeypatch)
+    widget._parameterNode, widget.pollTimer = p, mock.MagicMock()
+    widget.updateGui = lambda *args: None
+    widget._rememberPathsOfThisJob = lambda: None  # CTK's path fields are plain QWidgets here
+    monkeypatch.setattr(slicer_util(), "tryWithErrorDisplay", noErrorDialog)
+    dialog = mock.MagicMock(wasCanceled=False)
+    monkeypatch.setattr(slicer_util(), "createProgressDialog", lambda **kwargs: dialog)
+    rounds = sorted(logic.workflow.outputFolder.glob("round-*"))
+    runner = logic.runner
+
+    widget.onRetrain()
+    assert len(probes) == 1 and logic.checkingDependencies
+    assert sorted(logic.workflow.outputFolder.glob("round-*")) == rounds  # nothing exported
+    FakeProcess.script = [encode_event(make_event("stage", stage="training"))] * 4
+    widget.onPollTimer()  # the check is still running
+    assert logic.runner is runner
+    widget.onPollTimer()  # the check found the GPU: retraining starts
+    assert logic.runner is not runner and logic.running
+    job = json.loads(pathlib.Path(logic.runner.process.command[4]).read_text())
+    assert job["settings"]["iterations"] == 400  # a fifth of quick's 2000 on a GPU
+    assert (
+        "Fast retraining: 20% of the quick budget's 2000 iterations for a CUDA GPU (found by "
+        "the dependency check) = 400 iterations." in widget.ui.logTextEdit.toPlainText()
+    )
+    logic.shutdown()
 
 
 A100 = {"name": "NVIDIA A100", "memory_gb": 80.0}
@@ -292,7 +369,36 @@ def slicer_util():
     return slicer.util
 
 
-def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(module, tmp_path):
+def panelOn(semisupseg, logic, monkeypatch):
+    """The widget on the real .ui (PySide6) without Slicer's setup: Qt's table items, and a
+    parameter node set without connectGui (the stand-in wrapper has none)."""
+    from PySide6 import QtCore, QtWidgets
+
+    monkeypatch.setattr(
+        semisupseg,
+        "qt",
+        types.SimpleNamespace(QTableWidgetItem=QtWidgets.QTableWidgetItem, Qt=QtCore.Qt),
+    )
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.ui = panelWidgets(loadPanel())
+    widget.logic, widget._watchedRunner, widget._parameterNode = logic, None, None
+    widget.parent = types.SimpleNamespace(isEntered=True)
+    widget.setParameterNode = lambda node: setattr(widget, "_parameterNode", node)
+    return widget
+
+
+def resultCases(widget):
+    from PySide6.QtCore import Qt
+
+    table = widget.ui.resultsTable
+    return [table.item(row, 0).data(Qt.UserRole) for row in range(table.rowCount())]
+
+
+def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(
+    module, tmp_path, monkeypatch
+):
+    """Also after a close with no job running, the results the panel shows are those of the
+    new parameter node's output folder, and a row selected there loads."""
     semisupseg, scene = module
     logic = semisupseg.SemiSupSegLogic()
     # what the widget's onSceneStartClose does
@@ -333,7 +439,34 @@ def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(mo
     loaded = logic.workflow.loadedCase("hc004")
     assert loaded is not None and scene.IsNodePresent(loaded.volume)
     assert loaded.volume is not volumes[2]  # the closed scene's node is not used
-    assert logic.initialOutputFolder() == logic.defaultOutputFolder()  # no job running
+
+    # no job running now: a close keeps the session the panel shows
+    widget = panelOn(semisupseg, logic, monkeypatch)
+    widget._parameterNode = fresh
+    widget._fillResultsTable()  # as when the job finished
+    assert resultCases(widget) == ["hc004"]
+    scene.Clear(False)
+    widget.onSceneEndClose(scene, None)
+    assert widget._parameterNode.outputFolder == tmp_path / "out"
+    assert resultCases(widget) == ["hc004"]
+    assert logic.showCase(widget._parameterNode, "hc004").volume is not None  # a row's case
+    # a scene whose parameter node names another folder: not the previous scene's rows
+    other, first = logic.getParameterNode(), logic.getParameterNode()
+    other.outputFolder, first.outputFolder = tmp_path / "other", tmp_path / "out"
+    monkeypatch.setattr(logic, "getParameterNode", lambda: other)
+    scene.Clear(False)
+    widget.onSceneEndClose(scene, None)
+    assert resultCases(widget) == []
+    monkeypatch.setattr(logic, "getParameterNode", lambda: first)
+    widget.parent.isEntered = False  # another module is shown during the close
+    widget.initializeParameterNode()
+    assert resultCases(widget) == ["hc004"]
+    scene.Clear(False)
+    widget.onSceneEndClose(scene, None)
+    assert resultCases(widget) == []  # nothing of the closed scene to click
+    logic.dependencyProbe = probeAnswer([])  # checked already: enter starts no probe
+    widget.enter()
+    assert resultCases(widget) == ["hc004"]
     scene.RemoveObserver(tag)
 
 
@@ -363,6 +496,52 @@ def test_slicers_python_is_pythonslicer_not_the_application(module, tmp_path, mo
     monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
     monkeypatch.setattr(sys, "executable", "/opt/conda/bin/python3.11")
     assert logic.pythonExecutable(p) == "/opt/conda/bin/python3.11"  # scripts and tests
+
+
+def test_pythonslicer_in_a_macos_bundle_and_when_slicer_names_no_python(
+    module, tmp_path, monkeypatch
+):
+    """Current Slicer sets sys.executable to PythonSlicer found on the PATH, or to "" when it
+    is not there; in a macOS bundle the application is in Contents/MacOS and PythonSlicer in
+    Contents/bin."""
+    semisupseg, _scene = module
+    logic = semisupseg.SemiSupSegLogic()
+    p = logic.getParameterNode()
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    monkeypatch.setattr(sys, "executable", "")
+    with pytest.raises(FileNotFoundError, match="not on the PATH.*sys.executable is empty"):
+        logic.pythonExecutable(p)
+    contents = tmp_path / "Slicer.app" / "Contents"
+    application = executable(contents / "MacOS" / "Slicer")
+    monkeypatch.setattr(sys, "executable", str(application))
+    with pytest.raises(FileNotFoundError, match="next to .*Slicer"):
+        logic.pythonExecutable(p)
+    in_bin = executable(contents / "bin" / "PythonSlicer")
+    assert logic.pythonExecutable(p) == str(in_bin)
+
+
+def test_an_external_python_works_where_pythonslicer_cannot_be_found(module, tmp_path, monkeypatch):
+    """The panel (its tables, the export) and a job in an external Python need no
+    PythonSlicer; only a job in Slicer's own Python does, and it says so when it starts."""
+    semisupseg, scene = module
+    external = pathlib.Path(sys.executable)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing here"))
+    monkeypatch.setattr(sys, "executable", "")  # Slicer: PythonSlicer not on the PATH
+    FakeProcess.script, FakeProcess.returncode = [], 0
+    logic = semisupseg.SemiSupSegLogic(processFactory=FakeProcess)
+    p = logic.getParameterNode()
+    p.outputFolder, p.method = tmp_path / "out", "supervised"
+    assert logic.reviewRows(p) == []
+    volume = mrml_io.readVolumeNode(scene, hippocampusCase("001")[0], "hc001")
+    labels = segmentationFromLabelFile(scene, hippocampusCase("001")[1], volume, "hc001 labels")
+    logic.setLabeledNodePairs(p, [(volume, labels)])
+    jobPath = logic.exportJob(p)
+    with pytest.raises(FileNotFoundError, match="choose an external Python environment"):
+        logic.startJob(jobPath, p)
+    assert not logic.running
+    p.useExternalPython, p.externalPython = True, external
+    runner = logic.startJob(jobPath, p)
+    assert runner.process.command[:3] == [str(external), "-m", "SemiSupSegLib.backend"]
 
 
 def path_fields_with_history():
@@ -451,6 +630,24 @@ def test_a_plan_event_fills_the_plan_line_and_the_log(module, tmp_path):
     widget.onPollTimer()  # training starts: the plan stays
     assert widget.ui.planLabel.text().startswith("Plan (cpu): 1.25 mm")
     widget.logic.shutdown()
+
+
+def test_the_plan_lines_tool_tip_explains_it_while_there_is_no_plan(module):
+    """setup shows 'no plan yet' on the plan line: its tool tip must stay the .ui's
+    explanation (real .ui in PySide6), and come back when the next job starts."""
+    semisupseg, _scene = module
+    widget = object.__new__(semisupseg.SemiSupSegWidget)
+    widget.ui = panelWidgets(loadPanel())
+    explanation = widget.ui.planLabel.toolTip()
+    assert "planned from the data and the device" in explanation
+    widget._showPlan(None)  # what setup does
+    assert widget.ui.planLabel.toolTip() == explanation
+    progress = ProgressModel()
+    progress.feedLine(planEventLine({"batch_size": 4, "iterations": 1500}))
+    widget._showPlan(progress)
+    assert widget.ui.planLabel.toolTip() == progress.planTable != explanation
+    widget._showPlan(None)  # the next job starts
+    assert widget.ui.planLabel.toolTip() == explanation
 
 
 def test_reload_reads_the_library_again(module, monkeypatch):

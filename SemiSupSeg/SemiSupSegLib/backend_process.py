@@ -2,18 +2,25 @@
 
 ``BackendProcess`` starts a command, and two reader threads move its stdout lines into a
 ``queue.Queue`` and keep the tail of its stderr. The GUI drains the queue from a ``qt.QTimer``
-(``readLines``/``poll`` return at once). ``cancel`` asks the whole process tree to stop
-(SIGTERM: the backend saves a checkpoint and exits with 130) and, if it is still alive after
+(``readLines``/``poll`` return at once). ``cancel`` asks the whole process tree to stop (the
+backend saves a checkpoint and exits with 130) and, if it is still alive after
 ``graceSeconds``, ``poll`` kills the tree. The tree matters: Slicer's ``PythonSlicer`` is a
-launcher that starts the real Python as its child.
+launcher that starts the real Python as a separate child (CTK's AppLauncher; on Windows no
+job object ties them together).
+
+The gentle stop is the stop file named in the child's environment
+(``protocol.STOP_FILE_VARIABLE``, honoured by the backend's ``StopFlag``) plus SIGTERM on Linux
+and macOS. Windows has no SIGTERM for a windowless child and ``TerminateProcess`` is a kill,
+so there the stop file is the whole grace period, and the kill is ``taskkill /T /F`` on the
+launcher while it is alive (once it has died its children can no longer be found from it).
 
 A backend never outlives the Python that started it: ``stop`` (called when Slicer unloads the
-module, and for every process still running when the interpreter exits) sends SIGTERM, waits
+module, and for every process still running when the interpreter exits) asks gently, waits
 the grace time and then kills the tree. The child runs in its own session, so nothing else
 would end it.
 
-Plain Python (no Slicer, no Qt); psutil is used when it is installed, otherwise process
-groups (``os.killpg``) on Linux and macOS and ``taskkill /T`` on Windows.
+Plain Python (no Slicer, no Qt); psutil is used when it is installed (stock Slicer has none),
+otherwise process groups (``os.killpg``) on Linux and macOS and ``taskkill /T`` on Windows.
 """
 
 import atexit
@@ -25,10 +32,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Deque, Dict, List, Mapping, Optional, Sequence, Set
+
+from SemiSupSegLib.protocol import STOP_FILE_VARIABLE
 
 try:
     import psutil
@@ -50,19 +61,36 @@ def moduleSearchPath() -> str:
 def slicerPython(executable: Optional[str] = None) -> str:
     """Slicer's Python launcher, ``PythonSlicer``, to run the backend and the dependency probe.
 
-    Inside Slicer ``sys.executable`` is the application itself, not a Python: like
-    ``slicer.util.executePythonModule``, look for ``PythonSlicer`` on the PATH (Slicer puts its
-    bin folder there), then next to ``executable``. Outside Slicer (scripts, tests) a Python
-    interpreter is its own answer. Raises FileNotFoundError naming where it looked.
+    Current Slicer already sets ``sys.executable`` to PythonSlicer as found on the PATH
+    (qSlicerCoreApplication.cxx), and to "" when it is not there; this lookup is the fallback
+    for that case and for older Slicers, where ``sys.executable`` is the application itself.
+    Like ``slicer.util.executePythonModule``, look on the PATH (Slicer puts its bin folder
+    there), then next to ``executable`` (on macOS also in ``Contents/bin`` for an application
+    in ``Contents/MacOS``). Outside Slicer (scripts, tests) a Python interpreter is its own
+    answer.
+
+    Raises:
+        FileNotFoundError: PythonSlicer is nowhere to be found; the message says where it
+            looked.
     """
     executable = executable or sys.executable
     found = shutil.which("PythonSlicer")
     if found:
         return found
-    beside = Path(executable).with_name("PythonSlicer.exe" if IS_WINDOWS else "PythonSlicer")
-    if beside.is_file():
-        return str(beside)
-    if re.fullmatch(r"python[0-9.]*(\.exe)?", Path(executable).name, re.IGNORECASE):
+    if not executable:
+        raise FileNotFoundError(
+            "PythonSlicer is not on the PATH and Slicer did not name its Python "
+            "(sys.executable is empty); choose an external Python environment instead"
+        )
+    application = Path(executable)
+    name = "PythonSlicer.exe" if IS_WINDOWS else "PythonSlicer"
+    candidates = [application.with_name(name)]
+    if application.parent.name == "MacOS":  # Slicer.app/Contents/MacOS -> Contents/bin
+        candidates.append(application.parent.parent / "bin" / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    if re.fullmatch(r"python[0-9.]*(\.exe)?", application.name, re.IGNORECASE):
         return executable
     raise FileNotFoundError(
         f"PythonSlicer was found neither on the PATH nor next to {executable}; "
@@ -123,17 +151,21 @@ class BackendProcess:
         self._killed = False
         self._tree: Dict[int, object] = {}
         self.cancelRequested = False
+        # the file whose appearance asks the backend to stop (its name is in the child's env)
+        self.stopFile = os.path.join(tempfile.gettempdir(), f"SemiSupSeg-stop-{uuid.uuid4().hex}")
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> "BackendProcess":
         if self._popen is not None:
             raise RuntimeError("the process was already started")
+        env = dict(os.environ if self.env is None else self.env)
+        env[STOP_FILE_VARIABLE] = self.stopFile
         kwargs = {
             "stdin": subprocess.DEVNULL,
             "stdout": subprocess.PIPE,
             "stderr": subprocess.PIPE,
-            "env": self.env,
+            "env": env,
             "cwd": self.cwd,
             "universal_newlines": True,
             "encoding": "utf-8",
@@ -203,11 +235,12 @@ class BackendProcess:
                     reader.join(0.5)
             else:
                 return None
-        _started.discard(self)
+        self._ended()
         return code
 
     def cancel(self) -> None:
-        """Ask the process tree to stop; ``poll`` kills it if it outlives ``graceSeconds``."""
+        """Ask the process tree to stop (stop file, SIGTERM); ``poll`` kills it if it outlives
+        ``graceSeconds``."""
         if self._popen is None or self._popen.poll() is not None:
             return
         self.cancelRequested = True
@@ -226,21 +259,24 @@ class BackendProcess:
 
     def stop(self) -> Optional[int]:
         """End the process tree and wait until it is gone (Slicer's exit; never the GUI's
-        normal use): SIGTERM, up to ``graceSeconds`` for the backend to save a checkpoint and
-        exit (counted from an earlier ``cancel``), then kill. Returns the exit code."""
+        normal use): the gentle stop, up to ``graceSeconds`` for the backend to save a
+        checkpoint and exit (counted from an earlier ``cancel``), then kill. Returns the exit
+        code."""
         if self._popen is None:
             return None
         self._rememberTree()
-        if not self._treeAlive():
-            return self._popen.poll()
-        if not self.cancelRequested:
-            self.cancelRequested = True
-            self._cancelDeadline = time.monotonic() + self.graceSeconds
-            self._signalTree(force=False)
-        self._waitForTree(self._cancelDeadline)
         if self._treeAlive():
-            self.kill()
-            self._waitForTree(time.monotonic() + KILL_WAIT_SECONDS)
+            if not self.cancelRequested:
+                self.cancelRequested = True
+                self._cancelDeadline = time.monotonic() + self.graceSeconds
+                self._signalTree(force=False)
+            # no deadline after a kill() without a cancel(): no grace time left
+            self._waitForTree(self._cancelDeadline or time.monotonic())
+            if self._treeAlive():
+                self.kill()
+                self._waitForTree(time.monotonic() + KILL_WAIT_SECONDS)
+        if not self._treeAlive():
+            self._ended()
         return self._popen.poll()
 
     def _waitForTree(self, deadline: float, interval: float = 0.05) -> None:
@@ -286,6 +322,13 @@ class BackendProcess:
         finally:
             stream.close()
 
+    def _ended(self) -> None:
+        _started.discard(self)
+        try:
+            os.remove(self.stopFile)
+        except OSError:
+            pass  # never written
+
     def _rememberTree(self) -> None:
         if psutil is None or self._popen is None:
             if self._popen is not None:
@@ -315,7 +358,14 @@ class BackendProcess:
         return False
 
     def _signalTree(self, force: bool) -> None:
-        popen = self._popen
+        """Gentle: the stop file, and SIGTERM except on Windows (there the only signal is a
+        kill). Forced: kill every process of the tree."""
+        if not force:
+            self._writeStopFile()
+            if IS_WINDOWS:
+                return
+        elif IS_WINDOWS:
+            self._killWindowsTree()  # first: it finds the tree only through a living launcher
         if psutil is not None:
             for process in list(self._tree.values()):
                 if process is None:
@@ -327,24 +377,31 @@ class BackendProcess:
                         process.terminate()
                 except psutil.Error:
                     pass
-        if IS_WINDOWS:
-            if psutil is None and popen.poll() is None:
-                if force:
-                    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-                    subprocess.run(
-                        ["taskkill", "/PID", str(popen.pid), "/T", "/F"],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        creationflags=flags,
-                        check=False,
-                    )
-                else:
-                    popen.terminate()
-            return
+        if not IS_WINDOWS:
+            try:
+                os.killpg(self._popen.pid, signal.SIGKILL if force else signal.SIGTERM)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+
+    def _writeStopFile(self) -> None:
         try:
-            os.killpg(popen.pid, signal.SIGKILL if force else signal.SIGTERM)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
+            with open(self.stopFile, "w", encoding="utf-8") as handle:
+                handle.write("stop\n")
+        except OSError:
+            pass  # the signal or, after the grace time, the kill still ends the tree
+
+    def _killWindowsTree(self) -> None:
+        """``taskkill /T /F`` from the launcher: the launcher, the real Python and their
+        children."""
+        if self._popen.poll() is not None:
+            return  # a dead root has no tree for taskkill; psutil ends what it remembered
+        subprocess.run(
+            ["taskkill", "/PID", str(self._popen.pid), "/T", "/F"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+            check=False,
+        )
 
 
 # Every process started here and not yet seen to end, so that none outlives this interpreter.
@@ -355,8 +412,8 @@ _started: Set[BackendProcess] = set()
 def stopAllProcesses() -> None:
     """Stop every process started here that is still running (grace time, then kill).
 
-    Runs when the interpreter exits (Slicer's Python too); all trees get SIGTERM first, so the
-    grace times run side by side."""
+    Runs when the interpreter exits (Slicer's Python too); all trees are asked to stop first,
+    so the grace times run side by side."""
     processes = [process for process in list(_started) if process._treeAlive()]
     for process in processes:
         if not process.cancelRequested:

@@ -34,6 +34,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
+#: The environment variable that names the backend's stop file: once the file exists the
+#: backend stops as on SIGTERM (checkpoint, exit 130). Windows has no SIGTERM for a windowless
+#: child, so there it is the only gentle stop; elsewhere it backs up the signal.
+STOP_FILE_VARIABLE = "SEMISUPSEG_STOP_FILE"
 
 EVENT_KINDS = (
     "plan",

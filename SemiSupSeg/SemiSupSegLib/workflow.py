@@ -47,7 +47,9 @@ class Workflow:
     ) -> None:
         self.scene = scene
         self.processFactory = processFactory
-        self.python = python or slicerPython()
+        # the interpreter is looked for only when a job starts: a panel whose user runs an
+        # external Python must work where PythonSlicer cannot be found
+        self.python = python
         self.environment = dict(environment) if environment is not None else None
         self.session = Session.load(outputFolder)
         self.runner: Optional[JobRunner] = None
@@ -152,7 +154,7 @@ class Workflow:
         job = JobSpec.load(jobPath)
         number = self._roundOf(jobPath)
         env = backendEnvironment(self.environment, device or job.device)
-        command = backendCommand(self.python, jobPath.resolve())
+        command = backendCommand(self.python or slicerPython(), jobPath.resolve())
         runner = JobRunner(self.processFactory)
         runner.onFinished.append(lambda r: self._finished(number, r))
         self.runner, self.currentRound = runner, number
