@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from monai.utils import set_determinism
@@ -32,12 +32,9 @@ from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink, RateEstimator
 from SemiSupSegLib.backend.folder_lock import holds_folder
 from SemiSupSegLib.backend.methods import Method, create_method
-from SemiSupSegLib.backend.methods.base import StepResult
 from SemiSupSegLib.backend.networks import network_divisors
 from SemiSupSegLib.backend.planning import PLAN_NAME, Plan
-
-#: Called after each iteration: (iterations done, method, the step's result).
-StepCallback = Callable[[int, Method, StepResult], None]
+from SemiSupSegLib.backend.training_callbacks import CallbackList, StepCallback, TrainingCallback
 
 
 @dataclass
@@ -71,15 +68,16 @@ def train(
     resume: bool = False,
     init_from: Optional[str | Path] = None,
     plan: Optional[Plan] = None,
-    callbacks: Sequence[StepCallback] = (),
+    callbacks: Sequence[Union[TrainingCallback, StepCallback]] = (),
     new_budget: Optional[int] = None,
 ) -> TrainResult:
     """Train ``config.method`` on ``dataset`` into ``run_dir``.
 
-    ``callbacks`` are called after every iteration on the main process with the number of
-    iterations done, the method (its networks in training mode) and the step's result; a
-    callback that changes a network's mode must restore it. Scripts use them to watch
-    training (e.g. ``scripts/mn_diagnostics.py``).
+    ``callbacks`` (``training_callbacks``) are told, on the main process, when training starts,
+    when each iteration starts, draws its patches and ends its step, and when training ends; a
+    plain function is called after every step with the number of iterations done, the method
+    (its networks in training mode) and the step's result. Scripts use them to watch and time
+    training (``scripts/mn_diagnostics.py``, ``scripts/performance.py``).
 
     ``plan``, when the settings were planned (``planning.plan_training``), is written to
     ``plan.json`` in the run folder beside ``config.json``.
@@ -154,41 +152,116 @@ def _train(
     world: distributed.World,
     device: torch.device,
     plan: Optional[Plan] = None,
-    callbacks: Sequence[StepCallback] = (),
+    callbacks: Sequence[Union[TrainingCallback, StepCallback]] = (),
 ) -> TrainResult:
-    """``train`` once the config and device are settled, on one rank (or the only process)."""
-    checkpoint_path = run_dir / CHECKPOINT_NAME
-    main = world.is_main
-    num_classes = max(dataset.classes) + 1
-    set_determinism(seed=config.seed)  # the same initial weights on every rank
-    method = create_method(config, num_classes, device)
-    if method.uses_unlabeled and not dataset.unlabeled:
-        raise ConfigError(
-            f"method {config.method!r} learns from unlabeled images and this dataset has none; "
-            "add some (--unlabeled FOLDER, or unlisted cases of --data) or use --method supervised"
+    """``train`` once the config and device are settled, on one rank (or the only process):
+    build the method, restore it or warm-start it, open the run folder, loop, finalize."""
+    run = _Run.build(dataset, config, run_dir, events, stop, world, device, callbacks)
+    if state is not None:
+        run.restore(state)
+    elif init_from is not None:
+        run.warm_start(init_from)
+    run.method.distribute()
+    if world.rank > 0:  # dropout and noise of their own; rank 0 keeps the single-process stream
+        set_determinism(seed=distributed.rank_seed(config.seed * 1000 + run.start, world))
+    run.open_folder(plan, resuming=state is not None)
+    run.open_source(state)
+    run.hooks.on_start(run.method, run.start, config.iterations)
+    started = time.perf_counter()
+    # The prefetch threads must stop before the interpreter does: a thread still inside a
+    # torch call at exit aborts the process ("terminate called without an active exception").
+    try:
+        losses = run.loop()
+    finally:
+        run.source.close()
+    run.finalize()
+    run.hooks.on_end(run.method)
+    seconds = time.perf_counter() - started
+    events.emit(
+        "output",
+        stage="training",
+        message=f"trained {config.iterations - run.start} iterations in {seconds:.0f} s; model: {run_dir / MODEL_NAME}",
+        outputs={"model": str(run_dir / MODEL_NAME), "checkpoint": str(run.checkpoint_path)},
+    )
+    return TrainResult(run_dir, config.iterations, seconds, losses)
+
+
+@dataclass
+class _Run:
+    """One training on one rank: what its phases share, and the phases themselves."""
+
+    dataset: Dataset
+    config: TrainConfig
+    run_dir: Path
+    events: EventSink
+    stop: StopFlag
+    world: distributed.World
+    device: torch.device
+    hooks: CallbackList
+    method: Method
+    average: WeightAverage
+    run_id: str
+    start: int = 0
+    labeled_weights: Optional[List[float]] = None
+    source: Optional[BatchSource] = None
+
+    @classmethod
+    def build(
+        cls,
+        dataset: Dataset,
+        config: TrainConfig,
+        run_dir: Path,
+        events: EventSink,
+        stop: StopFlag,
+        world: distributed.World,
+        device: torch.device,
+        callbacks: Sequence[Union[TrainingCallback, StepCallback]],
+    ) -> _Run:
+        """The method with its initial weights (the same on every rank) and its average."""
+        set_determinism(seed=config.seed)
+        method = create_method(config, max(dataset.classes) + 1, device)
+        if method.uses_unlabeled and not dataset.unlabeled:
+            raise ConfigError(
+                f"method {config.method!r} learns from unlabeled images and this dataset has "
+                "none; add some (--unlabeled FOLDER, or unlisted cases of --data) or use "
+                "--method supervised"
+            )
+        average = WeightAverage(method.deploy_network(), config.weight_average)
+        hooks = CallbackList(callbacks if world.is_main else ())
+        return cls(
+            dataset, config, run_dir, events, stop, world, device, hooks, method, average,
+            run_id=uuid.uuid4().hex,
+        )  # fmt: skip
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    # ------------------------------------------------------------ restore or warm-start
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        """Continue a checkpoint: its method, average, random streams and iteration."""
+        self.method.load_state_dict(state["method_state"])
+        self.average.load_state_dict(state.get("weight_average"))
+        restore_rng_state(state["rng"])
+        self.start = int(state["iteration"])
+        self.run_id = state.get("run_id") or self.run_id
+        self.labeled_weights = state.get("labeled_weights")
+        self.events.log(
+            f"resuming {self.checkpoint_path} at iteration {self.start} of {self.config.iterations}"
         )
 
-    start = 0
-    labeled_weights = None
-    average = WeightAverage(method.deploy_network(), config.weight_average)
-    run_id = uuid.uuid4().hex
-    if state is not None:
-        method.load_state_dict(state["method_state"])
-        average.load_state_dict(state.get("weight_average"))
-        restore_rng_state(state["rng"])
-        start = int(state["iteration"])
-        run_id = state.get("run_id") or run_id
-        labeled_weights = state.get("labeled_weights")
-        events.log(f"resuming {checkpoint_path} at iteration {start} of {config.iterations}")
-    elif init_from is not None:
+    def warm_start(self, init_from: str | Path) -> None:
+        """Start from a previous model's weights, with the cases new to it drawn more often."""
+        config, dataset, events = self.config, self.dataset, self.events
         previous = load_checkpoint(init_from)
         weights = shrink_towards(
             previous["model"]["state_dict"],
-            method.deploy_network().state_dict(),
+            self.method.deploy_network().state_dict(),
             config.warm_start_shrink,
         )
-        fresh = method.warm_start(weights, previous_method_state(previous, init_from, config))
-        average.reset()
+        fresh = self.method.warm_start(weights, previous_method_state(previous, init_from, config))
+        self.average.reset()
         events.log(
             f"warm start from {init_from}"
             + (
@@ -202,108 +275,93 @@ def _train(
                 f"{', '.join(fresh)}: not in a {config.method} checkpoint beside {init_from}; "
                 "starts fresh"
             )
-        labeled_weights = new_case_weights(
-            [c.name for c in dataset.labeled], previous_labeled(previous, init_from), config
+        known_cases = previous_labeled(previous, init_from)
+        self.labeled_weights = new_case_weights(
+            [c.name for c in dataset.labeled], known_cases, config
         )
-        if labeled_weights is not None:
-            known = set(previous_labeled(previous, init_from) or [])
+        if self.labeled_weights is not None:
+            known = set(known_cases or [])
             new_cases = [c.name for c in dataset.labeled if c.name not in known]
             events.log(
                 f"{config.new_case_share:.0%} of labeled patches from the {len(new_cases)} "
                 f"case(s) new since that model: {', '.join(new_cases)}"
             )
-    method.distribute()
-    if world.rank > 0:  # dropout and noise of their own; rank 0 keeps the single-process stream
-        set_determinism(seed=distributed.rank_seed(config.seed * 1000 + start, world))
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _remove_previous_outputs(run_dir, keep_checkpoint=state is not None)
-        _write_run_files(run_dir, config, dataset, plan)
-    events.emit(
-        "start",
-        stage="training",
-        message=(
-            f"training {config.method} ({config.network}) on {describe_device(device)}"
-            + (
-                f" x {world.size} processes (batch {world.size} x {config.batch_size})"
-                if world.enabled
-                else ""
-            )
-            + f": {len(dataset.labeled)} labeled, "
-            + (f"{len(dataset.unlabeled)} unlabeled" if method.uses_unlabeled else "no unlabeled")
-            + f" cases, {config.iterations} iterations"
-        ),
-        total=config.iterations,
-    )
+    # ------------------------------------------------------------ run folder and data
 
-    # A resumed run continues its patch streams where they stood (rank 0's are stored); the
-    # others, and those of checkpoints without that record, restart from a seed of their own.
-    stream_state = state.get("data_stream") if state is not None and main else None
-    restarted = state is not None and stream_state is None
-    source = BatchSource(
-        dataset.labeled,
-        distributed.shard(dataset.unlabeled, world) if method.uses_unlabeled else [],
-        config,
-        seed=distributed.rank_seed(config.seed * 1000 + (start if restarted else 0), world),
-        labeled_weights=labeled_weights,
-        state=stream_state,
-    )
-
-    def payload(iteration: int) -> Dict[str, Any]:
-        return {
-            "iteration": iteration,
-            "config": config.to_dict(),
-            "classes": {str(k): v for k, v in dataset.classes.items()},
-            "method_state": method.state_dict(),
-            "model": _model_entry(method),
-            "preprocessing": _preprocessing(config),
-            "labeled_cases": [c.name for c in dataset.labeled],
-            "rng": rng_state(),
-            "weight_average": average.state_dict(),
-            "data_stream": source.state_dict(),
-            "labeled_weights": labeled_weights,
-            "run_id": run_id,
-        }
-
-    rate = RateEstimator()
-    started = time.perf_counter()
-    losses: Dict[str, float] = {}
-    iteration = start
-    last_stage = None
-    # The prefetch threads must stop before the interpreter does: a thread still inside a
-    # torch call at exit aborts the process ("terminate called without an active exception").
-    try:
-        for iteration in range(start, config.iterations):
-            if distributed.any_rank(stop.requested):
-                if main:
-                    save_checkpoint(checkpoint_path, payload(iteration))
-                distributed.barrier()
-                events.emit(
-                    "cancelled",
-                    stage="training",
-                    iteration=iteration,
-                    total=config.iterations,
-                    message=f"cancelled at iteration {iteration}; checkpoint saved, --resume continues",
-                    outputs={"checkpoint": str(checkpoint_path)},
+    def open_folder(self, plan: Optional[Plan], resuming: bool) -> None:
+        """Write the run's settings (main process) and announce the training."""
+        config, dataset, world = self.config, self.dataset, self.world
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_previous_outputs(self.run_dir, keep_checkpoint=resuming)
+            _write_run_files(self.run_dir, config, dataset, plan)
+        self.events.emit(
+            "start",
+            stage="training",
+            message=(
+                f"training {config.method} ({config.network}) on {describe_device(self.device)}"
+                + (
+                    f" x {world.size} processes (batch {world.size} x {config.batch_size})"
+                    if world.enabled
+                    else ""
                 )
-                raise CancelledError(f"cancelled at iteration {iteration}")
+                + f": {len(dataset.labeled)} labeled, "
+                + (
+                    f"{len(dataset.unlabeled)} unlabeled"
+                    if self.method.uses_unlabeled
+                    else "no unlabeled"
+                )
+                + f" cases, {config.iterations} iterations"
+            ),
+            total=config.iterations,
+        )
+
+    def open_source(self, state: Optional[Dict[str, Any]]) -> None:
+        """The patch streams. A resumed run continues them where they stood (rank 0's are
+        stored); the others, and those of checkpoints without that record, restart from a
+        seed of their own."""
+        config, world = self.config, self.world
+        stream_state = state.get("data_stream") if state is not None and world.is_main else None
+        restarted = state is not None and stream_state is None
+        self.source = BatchSource(
+            self.dataset.labeled,
+            distributed.shard(self.dataset.unlabeled, world) if self.method.uses_unlabeled else [],
+            config,
+            seed=distributed.rank_seed(
+                config.seed * 1000 + (self.start if restarted else 0), world
+            ),
+            labeled_weights=self.labeled_weights,
+            state=stream_state,
+        )
+
+    # ------------------------------------------------------------ loop
+
+    def loop(self) -> Dict[str, float]:
+        """Iterations ``start`` to the end; the last step's losses."""
+        config, events, method, hooks = self.config, self.events, self.method, self.hooks
+        rate = RateEstimator()
+        losses: Dict[str, float] = {}
+        last_stage = None
+        for iteration in range(self.start, config.iterations):
+            if distributed.any_rank(self.stop.requested):
+                self.cancel(iteration)
             stage = method.stage(iteration)
             if stage != last_stage:
                 events.emit("stage", stage=stage, iteration=iteration, total=config.iterations)
                 last_stage = stage
+            hooks.on_iteration_start(iteration)
             n_labeled, n_unlabeled = method.batch_composition(iteration)
-            labeled = source.labeled(n_labeled)
-            unlabeled = source.unlabeled(n_unlabeled) if n_unlabeled else None
+            labeled = self.source.labeled(n_labeled)
+            unlabeled = self.source.unlabeled(n_unlabeled) if n_unlabeled else None
+            hooks.on_batch_ready(iteration)
             result = method.train_step(labeled, unlabeled, iteration)
-            average.update()
+            self.average.update()
             losses = result.losses
             _check_finite(losses, iteration, config)
             rate.step()
             done = iteration + 1
-            if main:
-                for callback in callbacks:
-                    callback(done, method, result)
+            hooks.on_step(done, method, result)
             if done % config.log_every == 0 or done == config.iterations:
                 events.progress(
                     stage,
@@ -315,45 +373,63 @@ def _train(
                     message=result.info.get("message"),
                 )
             if (
-                main
+                self.world.is_main
                 and config.checkpoint_every
                 and done % config.checkpoint_every == 0
                 and done < config.iterations
             ):
-                save_checkpoint(checkpoint_path, payload(done))
-    finally:
-        source.close()
+                save_checkpoint(self.checkpoint_path, self.payload(done))
+        return losses
 
-    method.share_buffers()
-    average.apply()
-    if main:
-        final = payload(config.iterations)
-        save_checkpoint(checkpoint_path, final)
-        save_checkpoint(
-            run_dir / MODEL_NAME,
-            {
-                k: final[k]
-                for k in (
-                    "iteration",
-                    "config",
-                    "classes",
-                    "model",
-                    "preprocessing",
-                    "labeled_cases",
-                    "run_id",
-                )
-            },
+    def cancel(self, iteration: int) -> None:
+        """Save a checkpoint at ``iteration`` and raise CancelledError (every rank)."""
+        if self.world.is_main:
+            save_checkpoint(self.checkpoint_path, self.payload(iteration))
+        distributed.barrier()
+        self.events.emit(
+            "cancelled",
+            stage="training",
+            iteration=iteration,
+            total=self.config.iterations,
+            message=f"cancelled at iteration {iteration}; checkpoint saved, --resume continues",
+            outputs={"checkpoint": str(self.checkpoint_path)},
         )
-    distributed.dump_rank_state(method.state_dict(), world)
-    distributed.barrier()  # every rank ends once the outputs are written
-    seconds = time.perf_counter() - started
-    events.emit(
-        "output",
-        stage="training",
-        message=f"trained {config.iterations - start} iterations in {seconds:.0f} s; model: {run_dir / MODEL_NAME}",
-        outputs={"model": str(run_dir / MODEL_NAME), "checkpoint": str(checkpoint_path)},
-    )
-    return TrainResult(run_dir, config.iterations, seconds, losses)
+        raise CancelledError(f"cancelled at iteration {iteration}")
+
+    # ------------------------------------------------------------ finalize
+
+    def finalize(self) -> None:
+        """Apply the weight average and write the final checkpoint and the model file."""
+        self.method.share_buffers()
+        self.average.apply()
+        if self.world.is_main:
+            final = self.payload(self.config.iterations)
+            save_checkpoint(self.checkpoint_path, final)
+            save_checkpoint(self.run_dir / MODEL_NAME, {k: final[k] for k in MODEL_KEYS})
+        distributed.dump_rank_state(self.method.state_dict(), self.world)
+        distributed.barrier()  # every rank ends once the outputs are written
+
+    def payload(self, iteration: int) -> Dict[str, Any]:
+        """The checkpoint after ``iteration`` iterations."""
+        config, dataset = self.config, self.dataset
+        return {
+            "iteration": iteration,
+            "config": config.to_dict(),
+            "classes": {str(k): v for k, v in dataset.classes.items()},
+            "method_state": self.method.state_dict(),
+            "model": _model_entry(self.method),
+            "preprocessing": _preprocessing(config),
+            "labeled_cases": [c.name for c in dataset.labeled],
+            "rng": rng_state(),
+            "weight_average": self.average.state_dict(),
+            "data_stream": self.source.state_dict(),
+            "labeled_weights": self.labeled_weights,
+            "run_id": self.run_id,
+        }
+
+
+#: What the model file keeps of the final checkpoint (what ``predict`` needs).
+MODEL_KEYS = ("iteration", "config", "classes", "model", "preprocessing", "labeled_cases", "run_id")
 
 
 class WeightAverage:
