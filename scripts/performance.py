@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -56,6 +56,7 @@ from SemiSupSegLib.backend.datasets import Case, Dataset, load_dataset  # noqa: 
 from SemiSupSegLib.backend.inference import Predictor, predict_cases  # noqa: E402
 from SemiSupSegLib.backend.methods import Method, create_method  # noqa: E402
 from SemiSupSegLib.backend.splits import benchmark_split  # noqa: E402
+from SemiSupSegLib.backend.training_callbacks import TrainingCallback  # noqa: E402
 from SemiSupSegLib.backend.volumes import read_image  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
@@ -71,8 +72,8 @@ LABELED = 8
 
 
 class Probe:
-    """Times one method from the outside: the start of every iteration (``batch_composition``
-    is the loop's first call), every ``train_step``, and within the steps the time spent in
+    """Times one method from the outside: the start of every iteration (``iteration_started``,
+    called by the loop's hook), every ``train_step``, and within the steps the time spent in
     the networks' forward passes (hooks on every network the method checkpoints, outermost
     call only) and in ``optimise`` (backward, gradient clipping, optimiser step).
 
@@ -99,18 +100,7 @@ class Probe:
         self._wrap(method)
 
     def _wrap(self, method: Method) -> None:
-        composition, step, optimise = (
-            method.batch_composition,
-            method.train_step,
-            method.optimise,
-        )
-
-        def batch_composition(iteration: int) -> Any:
-            if self.profile is not None and iteration == self.window[0]:
-                self.profile.enable()
-            self.starts.append(time.perf_counter())
-            self.cpu_starts.append((time.thread_time(), time.process_time()))
-            return composition(iteration)
+        step, optimise = method.train_step, method.optimise
 
         def train_step(labeled: Any, unlabeled: Any, iteration: int) -> Any:
             before = self._network_total
@@ -131,7 +121,6 @@ class Probe:
             finally:
                 self._leave()
 
-        method.batch_composition = batch_composition
         method.train_step = train_step
         method.optimise = timed_optimise
         for part in method.stateful().values():
@@ -139,6 +128,13 @@ class Probe:
                 for module in [part, *part.children()]:
                     module.register_forward_pre_hook(lambda *_: self._enter())
                     module.register_forward_hook(lambda *_: self._leave())
+
+    def iteration_started(self, iteration: int) -> None:
+        """Record the start of iteration ``iteration`` (and start the profiler at its window)."""
+        if self.profile is not None and iteration == self.window[0]:
+            self.profile.enable()
+        self.starts.append(time.perf_counter())
+        self.cpu_starts.append((time.thread_time(), time.process_time()))
 
     def _enter(self) -> None:
         if self._depth == 0:
@@ -151,44 +147,26 @@ class Probe:
             self._network_total += time.perf_counter() - self._entered
 
 
-class TimedSource(BatchSource):
-    """A BatchSource that records how long the loop waits for each iteration's patches."""
+class LoopTimer(TrainingCallback):
+    """Times ``training.train`` through its hooks: a Probe (``probe``: its profile arguments)
+    on the method it trains, and how long each iteration waits for its patches (from the
+    iteration's start to its batch being drawn)."""
 
-    waits: List[float] = []
+    def __init__(self, **probe: Any) -> None:
+        self.probe_arguments = probe
+        self.probe: Optional[Probe] = None
+        self.waits: List[float] = []
+        self._drawing = 0.0
 
-    def labeled(self, count: int) -> Dict[str, torch.Tensor]:
-        started = time.perf_counter()
-        try:
-            return super().labeled(count)
-        finally:
-            TimedSource.waits.append(time.perf_counter() - started)
+    def on_start(self, method: Method, start: int, total: int) -> None:
+        self.probe = Probe(method, **self.probe_arguments)
 
-    def unlabeled(self, count: int) -> Dict[str, torch.Tensor]:
-        started = time.perf_counter()
-        try:
-            return super().unlabeled(count)
-        finally:
-            TimedSource.waits[-1] += time.perf_counter() - started
+    def on_iteration_start(self, iteration: int) -> None:
+        self.probe.iteration_started(iteration)
+        self._drawing = time.perf_counter()
 
-
-@contextlib.contextmanager
-def instrumented_loop(**probe: Any) -> Iterator[List[Probe]]:
-    """Inside: ``training.train`` builds its method with a Probe (``probe``: its profile
-    arguments) and draws through a TimedSource; the probes are appended to the yielded list."""
-    probes: List[Probe] = []
-
-    def create(*args: Any, **kwargs: Any) -> Method:
-        method = create_method(*args, **kwargs)
-        probes.append(Probe(method, **probe))
-        return method
-
-    saved = training.create_method, training.BatchSource
-    training.create_method, training.BatchSource = create, TimedSource
-    TimedSource.waits = []
-    try:
-        yield probes
-    finally:
-        training.create_method, training.BatchSource = saved
+    def on_batch_ready(self, iteration: int) -> None:
+        self.waits.append(time.perf_counter() - self._drawing)
 
 
 def mean(values: List[float]) -> float:
@@ -297,11 +275,13 @@ def measure_overhead(method_name: str, data: tuple, args: argparse.Namespace, wo
 
     def loop(prefetch: int) -> dict:
         run_config = config.with_setting("prefetch", prefetch)
-        with instrumented_loop() as probes:
-            started = time.perf_counter()
-            training.train(dataset, run_config, work / f"{method_name}-loop-{prefetch}")
-            ended = time.perf_counter()
-        probe = probes[0]
+        timer = LoopTimer()
+        started = time.perf_counter()
+        training.train(
+            dataset, run_config, work / f"{method_name}-loop-{prefetch}", callbacks=[timer]
+        )
+        ended = time.perf_counter()
+        probe = timer.probe
         first, last = measured.start, measured.stop
         per_iteration = (probe.starts[last] - probe.starts[first]) / len(measured)
         main_cpu, all_cpu = (
@@ -312,7 +292,7 @@ def measure_overhead(method_name: str, data: tuple, args: argparse.Namespace, wo
         save = ended - probe.step_end
         checkpoint = save / run_config.checkpoint_every
         step = mean([probe.steps[i] for i in measured])
-        wait = mean([TimedSource.waits[i] for i in measured])
+        wait = mean([timer.waits[i] for i in measured])
         return {
             "prefetch": prefetch,
             "seconds_per_iteration": per_iteration + checkpoint,
@@ -367,12 +347,12 @@ def measure_overhead(method_name: str, data: tuple, args: argparse.Namespace, wo
     if args.profile_iterations > 0:
         window = (2, 2 + args.profile_iterations)
         profile = cProfile.Profile()
-        with instrumented_loop(profile=profile, window=window):
-            training.train(
-                dataset,
-                config.with_setting("iterations", window[1]),
-                work / f"{method_name}-profile",
-            )
+        training.train(
+            dataset,
+            config.with_setting("iterations", window[1]),
+            work / f"{method_name}-profile",
+            callbacks=[LoopTimer(profile=profile, window=window)],
+        )
         result["profile"] = top_entries(profile, args.profile_top, args.profile_iterations)
         result["profile_iterations"] = args.profile_iterations
     return result
