@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -250,3 +251,16 @@ def test_warm_start_resumes_the_2d_partner(hippocampus, tmp_path):
     sink.close()
     logs = [json.loads(line).get("message", "") for line in events_path.read_text().splitlines()]
     assert any(m.startswith("net2d: not in a mn checkpoint") for m in logs), logs
+
+
+def test_each_schedule_advances_with_its_own_optimizer():
+    method = create_method(_config(alternation="phase", phase_length=2), 3, torch.device("cpu"))
+    # 10 iterations: 3 of warm-up (both learn), then 2D, 2D, 3D, 3D, 2D, 2D, 3D.
+    assert method.sched2d.lr_lambdas[0].total == 3 + 4
+    assert method.sched3d.lr_lambdas[0].total == 3 + 3
+    lr_2d = method.opt2d.param_groups[0]["lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()"
+        result = method.train_step(_batch(1, True), _batch(1, False), 5)  # the 3D model learns
+    assert result.info["lr_2d"] == lr_2d and method.sched2d.last_epoch == 0
+    assert method.sched3d.last_epoch == 1

@@ -6,7 +6,8 @@ other's soft pseudo-masks on unlabeled patches, regenerated for every batch by t
 eval mode without gradients, plus ground truth on the labeled patches of the same batch. One
 Dice + cross-entropy loss over the whole batch (one-hot targets for labeled, probabilities for
 pseudo-labeled patches). Separate AdamW optimisers and schedules: linear warm-up, cosine to 0
-at the end of stage 1, restart, cosine to 0 at the end. Learning-rate guided sampling: the
+at the end of stage 1, restart, cosine to 0 at the end; each schedule advances with the steps
+of its own optimiser (:meth:`MNMethod.own_schedule`). Learning-rate guided sampling: the
 share of unlabeled patches grows as the LR falls (:func:`lr_guided_unlabeled`).
 
 Settings (``--set method.NAME=VALUE``) and how the published defaults were scaled for the CPU
@@ -135,8 +136,9 @@ class MNMethod(Method):
                 f"method.warmup_stage_fraction={o['warmup_stage_fraction']} leaves no co-training "
                 f"iterations out of {total}"
             )
-        warmup = max(1, int(round(o["lr_warmup_fraction"] * total)))
-        self.factor = TwoCycleSchedule(total, self.stage1, min(warmup, self.stage1))
+        self.warmup = min(max(1, int(round(o["lr_warmup_fraction"] * total))), self.stage1)
+        # The run's progress through the two cycles, which guides the batches' composition.
+        self.factor = TwoCycleSchedule(total, self.stage1, self.warmup)
 
         self.net3d = self.build_network()
         self.net2d = create_network2d(
@@ -167,12 +169,26 @@ class MNMethod(Method):
             for parameter in segmenter.encoder_parameters():
                 parameter.requires_grad_(False)
         self.opt2d = torch.optim.AdamW(groups, lr=lr2, weight_decay=config.weight_decay)
-        self.sched3d = LambdaLR(self.opt3d, self.factor)
-        self.sched2d = LambdaLR(self.opt2d, self.factor)
+        self.sched3d = LambdaLR(self.opt3d, self.own_schedule("3d"))
+        self.sched2d = LambdaLR(self.opt2d, self.own_schedule("2d"))
         self.loss = soft_segmentation_loss()
         self.last_losses: Dict[str, float] = {}
 
     # --- schedule of the run
+    def own_schedule(self, model: str) -> TwoCycleSchedule:
+        """The two cycles of ``model``'s learning rate over the steps of its own optimiser.
+
+        Its schedule advances only when it learns: with ``alternation=phase`` each model learns
+        in about half the co-training iterations, and its second cycle spans those steps, so
+        that its rate still reaches 0 at its last step. With ``iteration`` both models learn
+        every iteration, and the schedule is the run's (``self.factor``).
+        """
+        total = self.config.iterations
+        steps = self.stage1 + sum(
+            model in (student for student, _ in self.roles(i)) for i in range(self.stage1, total)
+        )
+        return TwoCycleSchedule(max(steps, self.stage1 + 1), self.stage1, self.warmup)
+
     def stage(self, iteration: int) -> str:
         return WARM_UP if iteration < self.stage1 else CO_TRAINING
 
@@ -217,8 +233,7 @@ class MNMethod(Method):
                 images = torch.cat([image_l, image_u])
                 target = torch.cat([onehot, pseudo])
             self.last_losses[f"loss_{student}"] = self._learn(student, images, target)
-        self.sched3d.step()
-        self.sched2d.step()
+            (self.sched3d if student == "3d" else self.sched2d).step()
         return StepResult(
             dict(self.last_losses),
             {
