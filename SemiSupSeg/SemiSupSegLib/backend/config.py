@@ -46,6 +46,21 @@ class TrainConfig:
     target_spacing: Optional[Tuple[float, float, float]] = None
     augment: bool = True
     flip_axes: Tuple[int, ...] = ()
+    # Augmentation ranges (nnU-Net-like, milder): rotation up to +-this many radians (0.26, 15
+    # degrees) and scaling up to +-this share about each axis, together in 25% of patches;
+    # Gaussian noise of this std (15%), intensity scaling by 1 +- and shifting by +- these
+    # (20% each), and gamma (contrast) drawn from this range (15%).
+    augment_rotation: float = 0.26
+    augment_scaling: float = 0.15
+    augment_noise_std: float = 0.1
+    augment_intensity_scale: float = 0.15
+    augment_intensity_shift: float = 0.1
+    augment_gamma: Tuple[float, float] = (0.7, 1.5)
+    gradient_clip: float = 12.0  # largest norm of a model's gradient, for stability
+    # Prediction (recorded in the model file): share of overlap between neighbouring windows,
+    # and windows that go through the network per forward pass.
+    sliding_window_overlap: float = 0.5
+    sliding_window_batch: int = 4
     cache_volumes: int = 64
     num_workers: int = 0
     prefetch: int = 8
@@ -138,6 +153,31 @@ class TrainConfig:
         if not 0.0 <= self.weight_average < 1.0:
             raise ConfigError(
                 f"weight_average must be in [0, 1) (0: off, e.g. 0.99), got {self.weight_average}"
+            )
+        for name in (
+            "augment_rotation",
+            "augment_scaling",
+            "augment_noise_std",
+            "augment_intensity_scale",
+            "augment_intensity_shift",
+        ):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        gamma = self.augment_gamma
+        if len(gamma) != 2 or not 0.0 < gamma[0] <= gamma[1] < math.inf:
+            raise ConfigError(
+                f"augment_gamma must be two values low, high with 0 < low <= high, "
+                f"got {shorten(str(gamma))}"
+            )
+        if not 0.0 < self.gradient_clip < math.inf:
+            raise ConfigError(f"gradient_clip must be a positive number, got {self.gradient_clip}")
+        if not 0.0 <= self.sliding_window_overlap < 1.0:
+            raise ConfigError(
+                f"sliding_window_overlap must be in [0, 1), got {self.sliding_window_overlap}"
+            )
+        if self.sliding_window_batch < 1:
+            raise ConfigError(
+                f"sliding_window_batch must be at least 1, got {self.sliding_window_batch}"
             )
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")

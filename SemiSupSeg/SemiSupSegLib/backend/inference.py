@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.checkpoint import load_checkpoint, model_file
+from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import Case
 from SemiSupSegLib.backend.device import select_device
 from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
@@ -87,16 +88,26 @@ class Predictor:
         classes: Dict[int, str],
         preprocessing: Dict[str, Any],
         device: torch.device,
-        overlap: float = 0.5,
-        sw_batch_size: int = 4,
+        overlap: Optional[float] = None,
+        sw_batch_size: Optional[int] = None,
         mc_chunk: Optional[int] = None,
     ) -> None:
+        """``overlap`` and ``sw_batch_size`` (None: the model's ``sliding_window_overlap`` and
+        ``sliding_window_batch``, or their defaults in a model written before they were kept)."""
         self.network = network.to(device).eval()
         self.classes = classes
         self.preprocessing = preprocessing
         self.device = device
-        self.overlap = overlap
-        self.sw_batch_size = sw_batch_size
+        self.overlap = float(
+            preprocessing.get("sliding_window_overlap", TrainConfig.sliding_window_overlap)
+            if overlap is None
+            else overlap
+        )
+        self.sw_batch_size = int(
+            preprocessing.get("sliding_window_batch", TrainConfig.sliding_window_batch)
+            if sw_batch_size is None
+            else sw_batch_size
+        )
         self.mc_chunk = mc_chunk
         self.roi_size = xyz_to_zyx(preprocessing["patch_size"])
         #: The model file and its iteration, recorded in the predictions' manifest.

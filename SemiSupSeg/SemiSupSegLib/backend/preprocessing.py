@@ -126,7 +126,7 @@ def labeled_transforms(config: TrainConfig) -> mt.Compose:
     ]
     if config.augment:
         steps += spatial_augmentations(config, keys, modes=("bilinear", "nearest"))
-        steps += intensity_augmentations()
+        steps += intensity_augmentations(config)
     return mt.Compose(steps + [mt.ToTensord(keys, track_meta=False)])
 
 
@@ -140,7 +140,7 @@ def unlabeled_transforms(config: TrainConfig) -> mt.Compose:
     ]
     if config.augment:
         steps += spatial_augmentations(config, keys, modes=("bilinear",))
-        steps += intensity_augmentations()
+        steps += intensity_augmentations(config)
     return mt.Compose(steps + [mt.ToTensord(keys, track_meta=False)])
 
 
@@ -151,8 +151,8 @@ def spatial_augmentations(config: TrainConfig, keys: list, modes: tuple) -> list
         mt.RandAffined(
             keys,
             prob=0.25,
-            rotate_range=(0.26, 0.26, 0.26),
-            scale_range=(0.15, 0.15, 0.15),
+            rotate_range=(config.augment_rotation,) * 3,
+            scale_range=(config.augment_scaling,) * 3,
             mode=modes,
             padding_mode="border",
         )
@@ -162,10 +162,11 @@ def spatial_augmentations(config: TrainConfig, keys: list, modes: tuple) -> list
     return steps
 
 
-def intensity_augmentations() -> list:
+def intensity_augmentations(config: TrainConfig) -> list:
+    """Noise, intensity scaling and shifting, and gamma, within the config's ranges."""
     return [
-        mt.RandGaussianNoised(["image"], prob=0.15, std=0.1),
-        mt.RandScaleIntensityd(["image"], factors=0.15, prob=0.2),
-        mt.RandShiftIntensityd(["image"], offsets=0.1, prob=0.2),
-        mt.RandAdjustContrastd(["image"], prob=0.15, gamma=(0.7, 1.5)),
+        mt.RandGaussianNoised(["image"], prob=0.15, std=config.augment_noise_std),
+        mt.RandScaleIntensityd(["image"], factors=config.augment_intensity_scale, prob=0.2),
+        mt.RandShiftIntensityd(["image"], offsets=config.augment_intensity_shift, prob=0.2),
+        mt.RandAdjustContrastd(["image"], prob=0.15, gamma=tuple(config.augment_gamma)),
     ]

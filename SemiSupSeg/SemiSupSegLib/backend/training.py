@@ -587,6 +587,8 @@ def _preprocessing(config: TrainConfig) -> Dict[str, Any]:
         "ct_window": config.ct_window,
         "ct_foreground_stats": config.ct_foreground_stats,
         "patch_size": config.patch_size,
+        "sliding_window_overlap": config.sliding_window_overlap,
+        "sliding_window_batch": config.sliding_window_batch,
     }
 
 

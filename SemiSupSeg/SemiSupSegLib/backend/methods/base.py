@@ -203,12 +203,12 @@ class Method:
     def optimise(
         self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule: Any = None
     ) -> None:
-        """Backward, (scaled) step, schedule step; gradients are clipped for stability."""
+        """Backward, (scaled) step, schedule step; gradients are clipped to ``gradient_clip``."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, 12.0)
+        torch.nn.utils.clip_grad_norm_(params, self.config.gradient_clip)
         self.scaler.step(optimizer)
         self.scaler.update()
         if schedule is not None:
