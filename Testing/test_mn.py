@@ -17,7 +17,11 @@ from SemiSupSegLib.backend.datasets import Dataset, load_dataset
 from SemiSupSegLib.backend.errors import CancelledError, ConfigError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.methods import create_method
-from SemiSupSegLib.backend.methods.mn import TwoCycleSchedule, lr_guided_unlabeled
+from SemiSupSegLib.backend.methods.mn import (
+    TwoCycleSchedule,
+    labels_one_hot,
+    lr_guided_unlabeled,
+)
 from SemiSupSegLib.backend.training import StopFlag, previous_method_state, train
 
 # Three levels, so 16-voxel test patches keep more than one voxel at the bottom.
@@ -264,3 +268,12 @@ def test_each_schedule_advances_with_its_own_optimizer():
         result = method.train_step(_batch(1, True), _batch(1, False), 5)  # the 3D model learns
     assert result.info["lr_2d"] == lr_2d and method.sched2d.last_epoch == 0
     assert method.sched3d.last_epoch == 1
+
+
+def test_labels_one_hot_encodes_each_class_in_its_channel():
+    label = torch.tensor([0, 2, 1, 2]).reshape(1, 1, 1, 2, 2)
+    encoded = labels_one_hot(label, 3)
+    assert encoded.shape == (1, 3, 1, 2, 2) and encoded.dtype == torch.float32
+    assert torch.equal(encoded.argmax(1, keepdim=True), label)
+    assert torch.equal(encoded.sum(1), torch.ones(1, 1, 2, 2))
+    assert encoded.is_contiguous(memory_format=torch.channels_last_3d)

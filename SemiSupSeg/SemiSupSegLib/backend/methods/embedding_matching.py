@@ -36,7 +36,7 @@ from scipy import ndimage
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.methods.base import StepResult, register_method
-from SemiSupSegLib.backend.methods.mn import MNMethod
+from SemiSupSegLib.backend.methods.mn import MNMethod, labels_one_hot
 from SemiSupSegLib.backend.methods.teacher_student import (
     TeacherStudentMethod,
     ramp,
@@ -374,7 +374,7 @@ class MNEmbeddingMatchingMethod(MNMethod):
         if int(present.sum()) < 2:
             return probs
         matched = class_argmax(match_similarities(query_features, prototypes, present))
-        onehot = F.one_hot(matched, self.num_classes).movedim(-1, 1).to(probs.dtype)
+        onehot = labels_one_hot(matched[:, None], self.num_classes).to(probs.dtype)
         self._matching = (prototypes, present, unreliable)
         return torch.where(unreliable[:, None], onehot, probs)
 

@@ -49,7 +49,7 @@ import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from monai.networks.utils import one_hot
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -220,7 +220,8 @@ class MNMethod(Method):
         iteration: int,
     ) -> StepResult:
         image_l = labeled["image"].to(self.device, non_blocking=True)
-        onehot = _one_hot(labeled["label"].to(self.device, non_blocking=True), self.num_classes)
+        label = labeled["label"].to(self.device, non_blocking=True)
+        onehot = labels_one_hot(label, self.num_classes)
         image_u = None
         if unlabeled is not None and unlabeled.get("image") is not None:
             image_u = unlabeled["image"].to(self.device, non_blocking=True)
@@ -334,9 +335,12 @@ def _options(config: TrainConfig) -> Dict[str, Any]:
     return options
 
 
-def _one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, 1, ...) int64 -> (N, C, ...) float one-hot."""
-    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
+def labels_one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, 1, D, H, W) class indices -> (N, C, D, H, W) float one-hot, channels-last in memory
+    (the layout the losses have always summed over: another changes the sums' order, and so
+    the trained weights in their last bits)."""
+    encoded = one_hot(label.long(), num_classes, dtype=torch.float32, dim=1)
+    return encoded.contiguous(memory_format=torch.channels_last_3d)
 
 
 def _describe(roles: List[Tuple[str, str]], n_labeled: int, n_unlabeled: int) -> str:
