@@ -82,3 +82,9 @@ def test_predictor_mc_map_is_softmax_entropy_without_dropout():
     np.testing.assert_allclose(probs1, probs3, atol=1e-5)
     np.testing.assert_allclose(unc1, unc3, atol=1e-5)
     np.testing.assert_allclose(unc1, entropy(torch.as_tensor(probs1), dim=0).numpy(), atol=1e-6)
+
+
+def test_entropy_of_a_saturated_softmax_has_a_finite_gradient():
+    logits = torch.tensor([[0.0, 200.0, -200.0]], requires_grad=True)
+    entropy(torch.softmax(logits, dim=1)).sum().backward()
+    assert torch.isfinite(logits.grad).all()

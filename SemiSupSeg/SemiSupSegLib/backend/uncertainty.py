@@ -35,7 +35,11 @@ def enable_mc_dropout(network: nn.Module) -> int:
 
 
 def entropy(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Entropy in nats along the class axis."""
+    """Entropy in nats along the class axis.
+
+    Not ``torch.special.entr``: its gradient at a probability of 0 (a saturated softmax) is
+    infinite and turns L_EN's gradient into NaN, and below the 1e-8 floor its values differ
+    (training would no longer be bit-identical)."""
     return -(probabilities * torch.log(probabilities.clamp_min(1e-8))).sum(dim)
 
 
