@@ -105,7 +105,13 @@ def _load_manifest(path: Path) -> Dataset:
 
 
 def _load_decathlon(path: Path, manifest: Dict[str, Any]) -> Dataset:
-    """MSD layout: "training" [{image, label}], "labels" {"0": name}, "modality" {"0": name}."""
+    """MSD layout: "training" [{image, label}], "labels" {"0": name}, "modality" {"0": name}.
+
+    Not ``monai.data.load_decathlon_datalist``: it reads the file again (in the locale's
+    encoding), fails on an empty "test" list (IndexError), takes "unlabeled" image paths only as
+    {"image": ...} objects, raises TypeError without naming the entry, and checks neither that
+    an entry has its paths nor that the files exist; what it would replace is two path joins.
+    """
     root = path.parent
     modality = _single_channel(path, manifest.get("modality", {"0": "MRI"}), "modality")
     classes = _classes_from_mapping(path, manifest.get("labels"), values_are_names=True)
