@@ -164,6 +164,9 @@ def create_encoder(
         kwargs["out_indices"] = tuple(int(i) for i in out_indices)
     if source in ("timm", "none"):
         return _timm_create(name, pretrained=source == "timm", **kwargs)
+    # Not timm's pretrained_cfg_overlay=dict(file=...): for a features_only model timm loads
+    # the file non-strictly, so a file of other tensors leaves the encoder random with only a
+    # log line (timm 1.0); transfer_state refuses it, and maps torchvision's names by order.
     encoder = _timm_create(name, pretrained=False, **kwargs)
     transfer_state(encoder, read_state_file(_file_for(source)), True, f"encoder {name!r}")
     return encoder
