@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from monai.utils import set_determinism
+from timm.utils.model_ema import ModelEmaV3
 
 from SemiSupSegLib.backend import distributed
 from SemiSupSegLib.backend.atomic_files import write_text_atomic
@@ -440,57 +441,59 @@ class WeightAverage:
     ~1/(1-decay) steps sits nearer the middle of the basin. Most useful on a short warm-start
     retraining, whose schedule has little time to anneal the noise out. The decay ramps up
     as ``(1+n)/(10+n)`` so that the first steps do not freeze the start into the average.
+    The average is timm's ``ModelEmaV3`` (every floating-point tensor of the state, buffers
+    too), stepped with that decay; its checkpoint entry keeps this project's format.
     """
 
     def __init__(self, network: torch.nn.Module, decay: float) -> None:
         self.network = network
         self.decay = float(decay)
         self.updates = 0
-        self.average: Optional[Dict[str, torch.Tensor]] = None
-        self.reset()
+        self.ema: Optional[ModelEmaV3] = ModelEmaV3(network, decay=self.decay) if decay else None
+
+    @property
+    def average(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The averaged tensors by name (None when off)."""
+        if self.ema is None:
+            return None
+        return {k: v for k, v in self.ema.module.state_dict().items() if v.is_floating_point()}
 
     def reset(self) -> None:
         """Start the average over from the network's current weights."""
         self.updates = 0
-        self.average = (
-            {k: v.detach().clone() for k, v in self._tensors().items()} if self.decay else None
-        )
-
-    def _tensors(self) -> Dict[str, torch.Tensor]:
-        return {k: v for k, v in self.network.state_dict().items() if v.is_floating_point()}
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.network.state_dict())
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the network's current weights into the average (one call per step)."""
-        if self.average is None:
+        if self.ema is None:
             return
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        current = self._tensors()
-        names = list(self.average)
-        torch._foreach_lerp_(
-            [self.average[k] for k in names], [current[k] for k in names], 1.0 - decay
+        self.ema.apply_update_(
+            self.network, min(self.decay, (1 + self.updates) / (10 + self.updates))
         )
 
     @torch.no_grad()
     def apply(self) -> None:
         """Copy the average into the network (at the end of training)."""
-        if self.average is not None:
+        if self.ema is not None:
             self.network.load_state_dict(self.average, strict=False)
 
     def state_dict(self) -> Optional[Dict[str, Any]]:
-        if self.average is None:
+        if self.ema is None:
             return None
         return {"updates": self.updates, "average": self.average}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         """Restore from a checkpoint; an older checkpoint without one restarts the average."""
-        if self.average is None or not state:
+        if self.ema is None or not state:
             self.reset()
             return
         self.updates = int(state["updates"])
+        average = self.average
         for name, value in state["average"].items():
-            self.average[name].copy_(value)
+            average[name].copy_(value)
 
 
 def shrink_towards(

@@ -65,7 +65,12 @@ def ema_decay(step: int, decay: float) -> float:
 
 @torch.no_grad()
 def update_ema(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * student (parameters); buffers copied."""
+    """teacher <- alpha * teacher + (1 - alpha) * student (parameters); buffers copied.
+
+    Not timm's ``ModelEmaV3`` nor torch's ``AveragedModel``: both interpolate with ``lerp``,
+    which rounds differently from this multiply-add (trained weights would change in their
+    last bits), ModelEmaV3 averages the buffers (UA-MT copies them) and AveragedModel would
+    put the teacher's weights under ``module.`` in the checkpoints and model files."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
     for t, s in zip(teacher.buffers(), student.buffers()):
