@@ -18,6 +18,7 @@ from SemiSupSegLib.backend.errors import CancelledError, ConfigError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.methods import create_method
 from SemiSupSegLib.backend.methods.mn import (
+    Teaching,
     TwoCycleSchedule,
     labels_one_hot,
     lr_guided_unlabeled,
@@ -277,3 +278,25 @@ def test_labels_one_hot_encodes_each_class_in_its_channel():
     assert torch.equal(encoded.argmax(1, keepdim=True), label)
     assert torch.equal(encoded.sum(1), torch.ones(1, 1, 2, 2))
     assert encoded.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_a_refiner_makes_the_pseudo_masks_and_adds_its_regulariser():
+    method = create_method(_config(), 3, torch.device("cpu"))
+    calls, regularised = [], []
+
+    class Uniform:
+        def teach(self, method, teacher, images, labeled, iteration):
+            calls.append((teacher, images.shape[0], labeled["image"].shape[0], iteration))
+            target = torch.full((images.shape[0], 3, *images.shape[2:]), 1 / 3)
+
+            def regulariser(features):
+                regularised.append(features.shape[0])
+                return features.pow(2).mean(), 0.5
+
+            return Teaching(target, regulariser, {"matched_share": 0.25})
+
+    method.refiner = Uniform()
+    result = method.train_step(_batch(1, True), _batch(1, False), 3)  # co-training
+    assert calls == [("3d", 1, 1, 3), ("2d", 1, 1, 3)]  # 2D learns from 3D, then 3D from 2D
+    assert regularised == [2]  # the 3D student's whole batch; the 2D student has none
+    assert result.info["matched_share"] == 0.25 and "entropy_3d" in result.losses

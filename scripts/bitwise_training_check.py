@@ -48,6 +48,15 @@ RUNS: Dict[str, Dict[str, Any]] = {
         },
     },
     "mn+em": {"method_options": {"warmup_stage_fraction": 0.3, "train_slices": 2}},
+    "mn+em-disagreement": {
+        "method": "mn+em",
+        "method_options": {
+            "warmup_stage_fraction": 0.3,
+            "train_slices": 2,
+            "disagreement": True,
+            "max_unreliable_share": 0.5,
+        },
+    },
 }
 
 

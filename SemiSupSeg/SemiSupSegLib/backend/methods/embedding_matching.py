@@ -35,8 +35,8 @@ from scipy import ndimage
 
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.errors import ConfigError
-from SemiSupSegLib.backend.methods.base import StepResult, register_method
-from SemiSupSegLib.backend.methods.mn import MNMethod, labels_one_hot
+from SemiSupSegLib.backend.methods.base import register_method
+from SemiSupSegLib.backend.methods.mn import MNMethod, Teaching, labels_one_hot
 from SemiSupSegLib.backend.methods.teacher_student import (
     TeacherStudentMethod,
     ramp,
@@ -206,6 +206,33 @@ def limit_share(unsure: torch.Tensor, score: torch.Tensor, share: Optional[float
     return unsure & (scores >= cut)
 
 
+class EmbeddingMatcher:
+    """Embedding matching, the part ``em`` and ``mn+em`` share: class prototypes from
+    reference voxels in the surface bands of a batch's labeled patches, each voxel's similarity
+    to them, its matched class and the entropy regulariser (L_EN).
+
+    ``options`` holds ``references_k``, ``references_repeats``, ``band`` and ``temperature``;
+    the references are drawn from a stream of their own (``seed + 7``).
+    """
+
+    def __init__(self, num_classes: int, options: Dict[str, Any], seed: int) -> None:
+        self.num_classes = num_classes
+        self.options = options
+        self.rng = np.random.default_rng(seed + 7)
+
+    def prototypes(
+        self, reference_features: torch.Tensor, label: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prototypes (C, F) and which classes have references (C,), from the embeddings
+        (B, F, ...) of the labeled patches whose labels are ``label`` (B, 1, ...)."""
+        references = draw_references(label, self.num_classes, self.options, self.rng)
+        return class_prototypes(reference_features, references, self.num_classes)
+
+    def entropy(self, similarity: torch.Tensor) -> torch.Tensor:
+        """Per-voxel L_EN of similarities (B, C, ...)."""
+        return matching_entropy(similarity, float(self.options["temperature"]))
+
+
 @register_method("em")
 class EmbeddingMatchingMethod(TeacherStudentMethod):
     """Embedding matching: the shared teacher-student loop plus matching on unreliable voxels.
@@ -234,7 +261,7 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
         super().__init__(*args, **kwargs)
         if self.options["matching_reduction"] not in MATCHING_REDUCTIONS:
             raise ConfigError(f"method.matching_reduction must be one of {MATCHING_REDUCTIONS}")
-        self.rng = np.random.default_rng(self.config.seed + 7)
+        self.matcher = EmbeddingMatcher(self.num_classes, self.options, self.config.seed)
 
     def weights(self, iteration: int) -> Dict[str, float]:
         w = super().weights(iteration)
@@ -253,12 +280,11 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
     ) -> Tuple[Dict[str, Tuple[torch.Tensor, float]], Dict[str, Any]]:
         o = self.options
         unreliable = ~reliable
-        references = draw_references(label, self.num_classes, o, self.rng)
         image_l = labeled["image"].to(self.device, non_blocking=True)
         self.teacher.eval()
         with torch.no_grad(), self.autocast():
             _, teacher_features = self.teacher.forward_with_features(image_l)
-        prototypes, present = class_prototypes(teacher_features, references, self.num_classes)
+        prototypes, present = self.matcher.prototypes(teacher_features, label)
         info = {"unreliable_share": float(unreliable.float().mean())}
         if int(present.sum()) < 2 or not bool(unreliable.any()):
             return {}, info
@@ -270,7 +296,7 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
             "matching": (matching_mean(per_voxel, unreliable, reduction), weights["matching"])
         }
         if o["entropy_regulariser"]:
-            en = matching_entropy(similarity, float(o["temperature"]))
+            en = self.matcher.entropy(similarity)
             losses["entropy"] = (matching_mean(en, unreliable, reduction), weights["matching"])
         info["matching_classes"] = int(present.sum())
         return losses, info
@@ -313,87 +339,81 @@ class MNEmbeddingMatchingMethod(MNMethod):
 
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
         own = {k: v for k, v in config.method_options.items() if k in MN_EM_DEFAULTS}
-        self.em_options = {**MN_EM_DEFAULTS, **own}
+        em_options = {**MN_EM_DEFAULTS, **own}
         mn_config = dataclasses.replace(
             config,
-            dropout=float(self.em_options["dropout"]),
+            dropout=float(em_options["dropout"]),
             method_options={
                 k: v for k, v in config.method_options.items() if k not in MN_EM_DEFAULTS
             },
         )
         super().__init__(mn_config, num_classes, device)
-        self.rng = np.random.default_rng(config.seed + 7)
-        self.ramp_total = max(1.0, float(self.em_options["ramp_fraction"]) * config.iterations)
-        self._labeled: Optional[Dict[str, torch.Tensor]] = None
-        self._iteration = 0
-        self._matching: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        self._shares: list = []
+        self.em_options = em_options
+        self.refiner = MatchingRefiner(em_options, num_classes, config)
 
-    def train_step(
+
+class MatchingRefiner:
+    """M&N's pseudo-mask with embedding matching on the voxels its teacher is unsure of
+    (``mn+em``; see MNEmbeddingMatchingMethod): a ``PseudoLabelRefiner`` of methods/mn.py.
+
+    The teacher's Monte Carlo passes give the mean probabilities and the uncertainty; the
+    voxels over the rising threshold (at most ``max_unreliable_share``, the most uncertain)
+    take the class their 3D embedding matches, one-hot. The teaching's regulariser is L_EN on
+    the 3D student's embeddings of those voxels, against the same prototypes.
+    """
+
+    def __init__(self, options: Dict[str, Any], num_classes: int, config: TrainConfig) -> None:
+        self.options = options
+        self.num_classes = num_classes
+        self.matcher = EmbeddingMatcher(num_classes, options, config.seed)
+        self.ramp_total = max(1.0, float(options["ramp_fraction"]) * config.iterations)
+
+    def teach(
         self,
+        method: MNMethod,
+        teacher: str,
+        images: torch.Tensor,
         labeled: Dict[str, torch.Tensor],
-        unlabeled: Optional[Dict[str, torch.Tensor]],
         iteration: int,
-    ) -> StepResult:
-        self._labeled, self._iteration, self._shares = labeled, iteration, []
-        result = super().train_step(labeled, unlabeled, iteration)
-        if self._shares:
-            result.info["unreliable_share"] = float(np.mean(self._shares))
-            result.info["reliable_share"] = 1.0 - result.info["unreliable_share"]
-        self._matching = None
-        return result
-
-    def _teach(self, teacher: str, images: torch.Tensor) -> torch.Tensor:
-        o = self.em_options
-        self._matching = None
-        network = self.net3d if teacher == "3d" else self.net2d
-        with self.autocast():
+    ) -> Teaching:
+        o = self.options
+        net3d, net2d = method.net3d, method.net2d
+        network = net3d if teacher == "3d" else net2d
+        with method.autocast():
             passes = mc_softmax(network, images, int(o["mc_passes"]), float(o["teacher_noise"]))
         probs = passes.mean(0)
         threshold = reliability_threshold(
-            self._iteration, self.ramp_total, self.num_classes, o["threshold_scale"]
+            iteration, self.ramp_total, self.num_classes, o["threshold_scale"]
         )
         uncertainty = uncertainty_from_passes(passes, o["uncertainty"])
         unreliable = uncertainty >= threshold
-        label = self._labeled["label"]
-        image_l = self._labeled["image"].to(self.device, non_blocking=True)
-        self.net3d.eval()
-        self.net2d.eval()
-        with torch.no_grad(), self.autocast():
-            _, reference_features = self.net3d.forward_with_features(image_l)
-            logits_3d, query_features = self.net3d.forward_with_features(images)
+        image_l = labeled["image"].to(method.device, non_blocking=True)
+        net3d.eval()
+        net2d.eval()
+        with torch.no_grad(), method.autocast():
+            _, reference_features = net3d.forward_with_features(image_l)
+            logits_3d, query_features = net3d.forward_with_features(images)
             if o["disagreement"]:
-                other = self.net2d(images) if teacher == "3d" else logits_3d
+                other = net2d(images) if teacher == "3d" else logits_3d
                 disagree = class_argmax(other) != class_argmax(probs)
                 unreliable |= disagree
                 uncertainty = uncertainty + disagree.float()  # matched first when over the limit
         unreliable = limit_share(unreliable, uncertainty, o["max_unreliable_share"])
-        references = draw_references(label, self.num_classes, o, self.rng)
-        prototypes, present = class_prototypes(reference_features, references, self.num_classes)
-        self._shares.append(float(unreliable.float().mean()))
+        prototypes, present = self.matcher.prototypes(reference_features, labeled["label"])
+        share = float(unreliable.float().mean())
+        info = {"unreliable_share": share, "reliable_share": 1.0 - share}
         if int(present.sum()) < 2:
-            return probs
+            return Teaching(probs, info=info)
         matched = class_argmax(match_similarities(query_features, prototypes, present))
         onehot = labels_one_hot(matched[:, None], self.num_classes).to(probs.dtype)
-        self._matching = (prototypes, present, unreliable)
-        return torch.where(unreliable[:, None], onehot, probs)
+        target = torch.where(unreliable[:, None], onehot, probs)
+        if not o["entropy_weight"]:
+            return Teaching(target, info=info)
+        weight = ramp(iteration, self.ramp_total, float(o["entropy_weight"]))
 
-    def _learn(self, student: str, images: torch.Tensor, target: torch.Tensor) -> float:
-        """The 3D student adds L_EN on the matched voxels; otherwise M&N's step unchanged."""
-        if student != "3d" or self._matching is None or not self.em_options["entropy_weight"]:
-            return super()._learn(student, images, target)
-        prototypes, present, unreliable = self._matching
-        weight = ramp(self._iteration, self.ramp_total, float(self.em_options["entropy_weight"]))
-        self.net3d.train()
-        with self.autocast():
-            logits, features = self.synced(self.net3d)(images, features=True)
-            loss = self.loss(logits, target)
-        n_unlabeled = unreliable.shape[0]
-        similarity = match_similarities(features[-n_unlabeled:], prototypes, present)
-        regulariser = masked_mean(
-            matching_entropy(similarity, float(self.em_options["temperature"])), unreliable
-        )
-        total = loss + weight * regulariser
-        self.optimise(total, self.opt3d)
-        self.last_losses["entropy_3d"] = float(regulariser.detach())
-        return float(loss.detach())
+        def regulariser(features: torch.Tensor) -> Tuple[torch.Tensor, float]:
+            """L_EN on the unlabeled patches' matched voxels (the batch's last ones)."""
+            similarity = match_similarities(features[-unreliable.shape[0] :], prototypes, present)
+            return masked_mean(self.matcher.entropy(similarity), unreliable), weight
+
+        return Teaching(target, regulariser, info)

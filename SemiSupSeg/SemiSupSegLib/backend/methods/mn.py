@@ -46,8 +46,10 @@ deploys the 3D model.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
+import numpy as np
 import torch
 from monai.networks.utils import one_hot
 from torch import nn
@@ -86,6 +88,39 @@ DEFAULTS: Dict[str, Any] = {
 
 WARM_UP = "warm-up"
 CO_TRAINING = "co-training"
+
+
+@dataclass
+class Teaching:
+    """What a teacher gives its student for the unlabeled patches of a batch.
+
+    ``target``: the pseudo-mask (N, C, ...), probabilities or one-hot. ``regulariser``, when
+    set, is a loss the 3D student adds on its own embeddings of those patches: called with
+    the embeddings of its whole batch (B, F, ...), the N unlabeled patches last, it returns
+    the loss and its weight. ``info``: progress facts, averaged
+    over the teachings of a step.
+    """
+
+    target: torch.Tensor
+    regulariser: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, float]]] = None
+    info: Dict[str, float] = field(default_factory=dict)
+
+
+class PseudoLabelRefiner(Protocol):
+    """Makes a teacher's pseudo-mask for M&N's loop in place of the plain soft mask
+    (``mn+em``: embedding matching on the voxels the teacher is unsure of)."""
+
+    def teach(
+        self,
+        method: MNMethod,
+        teacher: str,
+        images: torch.Tensor,
+        labeled: Dict[str, torch.Tensor],
+        iteration: int,
+    ) -> Teaching:
+        """The ``teacher`` ("2d" or "3d") model's teaching for the unlabeled ``images``, with
+        the labeled patches of the same batch at hand."""
+        ...
 
 
 def lr_guided_unlabeled(batch_size: int, lr: float, lr0: float, min_labeled: int = 1) -> int:
@@ -173,6 +208,8 @@ class MNMethod(Method):
         self.sched2d = LambdaLR(self.opt2d, self.own_schedule("2d"))
         self.loss = soft_segmentation_loss()
         self.last_losses: Dict[str, float] = {}
+        #: Makes the pseudo-masks instead of ``teach`` when set (a subclass sets it).
+        self.refiner: Optional[PseudoLabelRefiner] = None
 
     # --- schedule of the run
     def own_schedule(self, model: str) -> TwoCycleSchedule:
@@ -227,13 +264,21 @@ class MNMethod(Method):
             image_u = unlabeled["image"].to(self.device, non_blocking=True)
         n_unlabeled = 0 if image_u is None else int(image_u.shape[0])
         roles = self.roles(iteration)
+        facts: Dict[str, List[float]] = {}
         for student, teacher in roles:
-            images, target = image_l, onehot
+            images, target, regulariser = image_l, onehot, None
             if image_u is not None and teacher != "labels":
-                pseudo = self._teach(teacher, image_u)
+                teaching = (
+                    self.refiner.teach(self, teacher, image_u, labeled, iteration)
+                    if self.refiner is not None
+                    else Teaching(self.teach(teacher, image_u))
+                )
                 images = torch.cat([image_l, image_u])
-                target = torch.cat([onehot, pseudo])
-            self.last_losses[f"loss_{student}"] = self._learn(student, images, target)
+                target = torch.cat([onehot, teaching.target])
+                regulariser = teaching.regulariser
+                for key, value in teaching.info.items():
+                    facts.setdefault(key, []).append(value)
+            self.last_losses[f"loss_{student}"] = self.learn(student, images, target, regulariser)
             (self.sched3d if student == "3d" else self.sched2d).step()
         return StepResult(
             dict(self.last_losses),
@@ -243,26 +288,44 @@ class MNMethod(Method):
                 "n_unlabeled": n_unlabeled,
                 "lr_3d": self.opt3d.param_groups[0]["lr"],
                 "lr_2d": self.opt2d.param_groups[0]["lr"],
+                **{key: float(np.mean(values)) for key, values in facts.items()},
             },
         )
 
-    def _teach(self, teacher: str, images: torch.Tensor) -> torch.Tensor:
+    def teach(self, teacher: str, images: torch.Tensor) -> torch.Tensor:
         """The teacher's soft pseudo-mask: eval mode, no gradients, regenerated every batch."""
         network = self.net3d if teacher == "3d" else self.net2d
         network.eval()
         with torch.no_grad(), self.autocast():
             return torch.softmax(network(images).float(), dim=1)
 
-    def _learn(self, student: str, images: torch.Tensor, target: torch.Tensor) -> float:
+    def learn(
+        self,
+        student: str,
+        images: torch.Tensor,
+        target: torch.Tensor,
+        regulariser: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, float]]] = None,
+    ) -> float:
+        """One optimiser step of ``student`` on ``images`` against ``target``; the 3D student
+        adds ``regulariser`` on its embeddings of the batch (the unlabeled patches last)."""
         if student == "3d":
             network, optimizer = self.net3d, self.opt3d
         else:
             network, optimizer = self.net2d, self.opt2d
             images, target = self._slice_subset(images, target)
+            regulariser = None  # defined on the 3D model's embedding space
         network.train()
+        if regulariser is None:
+            with self.autocast():
+                loss = self.loss(self.synced(network)(images), target)
+            self.optimise(loss, optimizer)
+            return float(loss.detach())
         with self.autocast():
-            loss = self.loss(self.synced(network)(images), target)
-        self.optimise(loss, optimizer)
+            logits, features = self.synced(network)(images, features=True)
+            loss = self.loss(logits, target)
+        value, weight = regulariser(features)
+        self.optimise(loss + weight * value, optimizer)
+        self.last_losses["entropy_3d"] = float(value.detach())
         return float(loss.detach())
 
     def _slice_subset(
