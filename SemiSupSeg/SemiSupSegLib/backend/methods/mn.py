@@ -97,8 +97,7 @@ class Teaching:
     ``target``: the pseudo-mask (N, C, ...), probabilities or one-hot. ``regulariser``, when
     set, is a loss the 3D student adds on its own embeddings of those patches: called with
     the embeddings of its whole batch (B, F, ...), the N unlabeled patches last, it returns
-    the loss and its weight. ``info``: progress facts, averaged
-    over the teachings of a step.
+    the loss and its weight. ``info``: progress facts, averaged over the teachings of a step.
     """
 
     target: torch.Tensor
