@@ -517,14 +517,11 @@ def protocol_lines(results: list) -> list:
                     _format_plan_value(plan.get(k)) for k in ("target_spacing", "patch_size", "batch_size")
                 ) if plan else "preset"  # fmt: skip
                 seeds = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+                cpu_hours = f"{np.mean(cpu):.2f}" if cpu else "n/a"
                 lines.append(
                     f"| {method} | {labels} | {its} | {seeds} | {cell('dice', 100, 2)} | "
                     f"{cell('iou', 100, 2)} | {cell('hd95_mm', 1, 2)} | {cell('asd_mm', 1, 2)} | "
-                    f"{np.mean(cpu):.2f} | {plan_text} |"
-                    if cpu
-                    else f"| {method} | {labels} | {its} | {seeds} | {cell('dice', 100, 2)} | "
-                    f"{cell('iou', 100, 2)} | {cell('hd95_mm', 1, 2)} | {cell('asd_mm', 1, 2)} | "
-                    f"n/a | {plan_text} |"
+                    f"{cpu_hours} | {plan_text} |"
                 )
             lines += protocol_paired_lines(chosen)
             lines.append("")

@@ -29,11 +29,14 @@ def dataset_from_job(job: JobSpec) -> Dataset:
     )
 
 
+def job_context(job: JobSpec) -> Dict[str, Any]:
+    """The settings a job states outside ``settings``: method, device, modality."""
+    return {"method": job.method, "device": job.device, "modality": job.modality}
+
+
 def config_from_job(job: JobSpec) -> TrainConfig:
     """The job's settings on top of the defaults, without a plan."""
-    values: Dict[str, Any] = {"method": job.method, "device": job.device, "modality": job.modality}
-    values.update(job.settings)
-    return TrainConfig.from_dict(values).validate()
+    return TrainConfig.from_dict({**job_context(job), **job.settings}).validate()
 
 
 def run_job(
@@ -53,8 +56,9 @@ def run_job(
     if job.plan and not resume:
         from SemiSupSegLib.backend.planning import plan_training
 
-        base = {"method": job.method, "device": job.device, "modality": job.modality}
-        config, plan = plan_training(dataset, base, dict(job.settings), events, job.budget)
+        config, plan = plan_training(
+            dataset, job_context(job), dict(job.settings), events, job.budget
+        )
 
     output = Path(job.output)
     run_dir = output / RUN_FOLDER

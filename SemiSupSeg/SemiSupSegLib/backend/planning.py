@@ -208,9 +208,8 @@ def make_plan(
     patches_per_step = 1.5 if uses_unlabeled else 1.0
 
     def divisors_of(patch: Sequence[float]) -> Tuple[int, int, int]:
-        if network == "unet":
-            return tuple(2**p for p in pools_per_axis([int(round(s)) for s in patch]))
-        return network_divisors(network, {})
+        planned = unet_options([int(round(s)) for s in patch]) if network == "unet" else {}
+        return network_divisors(network, planned)
 
     if budget.time_limited:
         batch = CPU_BATCH
@@ -354,8 +353,6 @@ def plan_training(
         memory=measure(network, probe),
         spacing=requested.target_spacing,
     )
-    if requested.network != "unet" and "network_options" in explicit:
-        plan.values.pop("network_options", None)
     plan.overrides = {
         name: TrainConfig.from_dict({name: explicit[name]}).to_dict()[name]
         for name in PLANNED_SETTINGS
