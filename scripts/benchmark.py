@@ -524,7 +524,62 @@ def protocol_lines(results: list) -> list:
                     f"{cpu_hours} | {plan_text} |"
                 )
             lines += protocol_paired_lines(chosen)
+            if scored_on == "validation":
+                lines += recommendation_lines(chosen)
             lines.append("")
+    return lines
+
+
+#: Seeds a method needs on the validation cases before it can be recommended over supervised.
+RECOMMENDATION_SEEDS = 3
+
+
+def recommendation_lines(results: list) -> list:
+    """What the validation runs recommend, per labeled count and budget: the semi-supervised
+    method (or variant) with the highest mean Dice among those that beat supervised training on
+    the same seeds — higher mean Dice and higher in most of at least ``RECOMMENDATION_SEEDS``
+    seeds — else supervised training, said plainly."""
+    lines = []
+    supervised: dict = {}
+    for r in results:
+        if r["method"] == "supervised" and not r.get("variant"):
+            supervised.setdefault((r["labels"], r["iterations"]), {})[r["seed"]] = mean_dice(r)
+    candidates: dict = {}
+    for r in results:
+        if r["method"] != "supervised":
+            key = (r["labels"], r["iterations"])
+            candidates.setdefault(key, {}).setdefault(method_label(r), {})[r["seed"]] = mean_dice(r)
+    for key in sorted(set(supervised) | set(candidates)):
+        labels, iterations = key
+        base = supervised.get(key, {})
+        winners, compared, screened = [], [], []
+        for label, runs in sorted(candidates.get(key, {}).items()):
+            seeds = sorted(set(runs) & set(base))
+            if len(seeds) < RECOMMENDATION_SEEDS:
+                screened.append(f"{label} ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})")
+                continue
+            compared.append(label)
+            deltas = [runs[s] - base[s] for s in seeds]
+            if sum(deltas) > 0 and sum(d > 0 for d in deltas) > len(deltas) / 2:
+                winners.append((sum(runs[s] for s in seeds) / len(seeds), label, deltas))
+        head = f"Recommendation for {labels} labeled cases, {iterations} iterations: "
+        if winners:
+            _, label, deltas = max(winners)
+            text = (
+                f"{head}**{label}** (beats supervised training by "
+                f"{100 * sum(deltas) / len(deltas):+.2f} Dice points over {len(deltas)} seeds, "
+                f"higher in {sum(d > 0 for d in deltas)} of them)."
+            )
+        elif compared:
+            text = (
+                f"{head}**supervised**: no semi-supervised method ({', '.join(compared)}) beat "
+                "supervised training on these validation cases."
+            )
+        else:
+            text = f"{head}not decided yet: no method has {RECOMMENDATION_SEEDS} seeds beside supervised."
+        if screened:
+            text += f" Screened on fewer seeds, not counted: {', '.join(screened)}."
+        lines += ["", text]
     return lines
 
 
