@@ -214,13 +214,9 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
 
 def case_dice(metrics_csv: Path) -> dict:
     """Mean foreground Dice per case from an evaluation's metrics.csv, for paired comparisons."""
-    import csv
+    from SemiSupSegLib.backend.method_comparison import case_mean_dice
 
-    per_case: dict = {}
-    with open(metrics_csv, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            per_case.setdefault(row["case"], []).append(float(row["dice"]))
-    return {case: sum(values) / len(values) for case, values in per_case.items()}
+    return case_mean_dice(metrics_csv)
 
 
 def paired_lines(results: list) -> list:

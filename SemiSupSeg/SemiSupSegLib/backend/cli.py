@@ -44,6 +44,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar or messages on stderr")
         p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
+    def data_options(p: argparse.ArgumentParser) -> None:
+        """Where the cases are, which keep their labels, which are left out."""
+        p.add_argument(
+            "--data",
+            help="an MSD/nnU-Net dataset.json, or a folder with one, or a folder "
+            "with imagesTr/ and labelsTr/",
+        )
+        p.add_argument("--images", help="folder of images (instead of --data)")
+        p.add_argument("--labels", help="folder of label maps matched to --images by case name")
+        p.add_argument("--unlabeled", help="folder of extra unlabeled images")
+        p.add_argument(
+            "--labeled",
+            help="text file, one case name per line: only these keep their "
+            "labels; every other case of the data is used as unlabeled",
+        )
+        p.add_argument(
+            "--exclude", help="text file of case names to leave out entirely (test cases)"
+        )
+
+    def setting_options(p: argparse.ArgumentParser) -> None:
+        """Training settings the user may give; they override the plan."""
+        p.add_argument("--network", help="3D network: unet (default), segresnet, swinunetr")
+        p.add_argument("--iterations", type=int, help="training iterations (default 1500)")
+        p.add_argument("--seed", type=int)
+        p.add_argument(
+            "--modality",
+            choices=["MR", "CT", "other"],
+            help="intensity normalisation; default from dataset.json, else MR (z-score)",
+        )
+        p.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1,1,1 (x,y,z)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="any training setting, e.g. --set batch_size=2 --set method.ema_decay=0.99",
+        )
+
     train = sub.add_parser(
         "train",
         help="train a model from labeled (and unlabeled) volumes",
@@ -51,22 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nproc_per_node=N -m SemiSupSegLib.backend train ... (each process trains "
         "batch_size patches per iteration; rank 0 writes the outputs).",
     )
-    train.add_argument(
-        "--data",
-        help="an MSD/nnU-Net dataset.json, or a folder with one, or a folder "
-        "with imagesTr/ and labelsTr/",
-    )
-    train.add_argument("--images", help="folder of images (instead of --data)")
-    train.add_argument("--labels", help="folder of label maps matched to --images by case name")
-    train.add_argument("--unlabeled", help="folder of extra unlabeled images")
-    train.add_argument(
-        "--labeled",
-        help="text file, one case name per line: only these keep their "
-        "labels; every other case of the data is used as unlabeled",
-    )
-    train.add_argument(
-        "--exclude", help="text file of case names to leave out entirely (test cases)"
-    )
+    data_options(train)
     train.add_argument(
         "--method",
         default="mn",
@@ -74,15 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="mn (default: the benchmark's best), supervised (no unlabeled images needed), em, "
         "mn+em, mean-teacher, ua-mt",
     )
-    train.add_argument("--network", help="3D network: unet (default), segresnet, swinunetr")
-    train.add_argument("--iterations", type=int, help="training iterations (default 1500)")
-    train.add_argument("--seed", type=int)
-    train.add_argument(
-        "--modality",
-        choices=["MR", "CT", "other"],
-        help="intensity normalisation; default from dataset.json, else MR (z-score)",
-    )
-    train.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1,1,1 (x,y,z)")
     train.add_argument(
         "--budget",
         choices=list(TIME_BUDGETS),
@@ -99,13 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "iterations from the data and the device, shown before training; off: the fixed CPU "
         "preset of TrainConfig",
     )
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="any training setting, e.g. --set batch_size=2 --set method.ema_decay=0.99",
-    )
+    setting_options(train)
     train.add_argument("--out", required=True, help="run folder for checkpoints and the model")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--init-from", help="warm-start from a previous run folder or model.pt")
@@ -134,6 +142,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for metrics.csv and summary.json")
     evaluate.add_argument("--debug", action="store_true")
 
+    compare = sub.add_parser(
+        "compare",
+        help="which method suits your data: train several on the same labeled cases, score "
+        "them on labeled cases held out of training, recommend one",
+        description="Train each method on your labeled cases minus a few held out (and your "
+        "unlabeled images), score them on the held-out cases, and recommend one: a "
+        "semi-supervised method only when it beats supervised training on average and on most "
+        "held-out cases. Writes OUT/<method>/run, OUT/<method>/validation and "
+        "OUT/comparison.json.",
+    )
+    compare.add_argument(
+        "--methods",
+        nargs="+",
+        default=["supervised", "mn"],
+        choices=METHODS,
+        help="methods to compare (default: supervised mn); supervised is the baseline",
+    )
+    compare.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="labeled cases held out of training to score on (default: a quarter, at least 2)",
+    )
+    compare.add_argument(
+        "--budget",
+        choices=list(TIME_BUDGETS),
+        default="quick",
+        help="time budget per method (default quick; --iterations overrides it)",
+    )
+    data_options(compare)
+    setting_options(compare)
+    compare.add_argument("--out", required=True, help="folder for the runs and comparison.json")
+    common(compare)
     run = sub.add_parser("run", help="run a job file (what the Slicer module writes)")
     run.add_argument("job", help="job.json (protocol v1)")
     run.add_argument("--resume", action="store_true")
@@ -176,6 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "train": _train,
             "predict": _predict,
             "evaluate": _evaluate,
+            "compare": _compare,
             "run": _run_job,
             "demo": _demo,
         }[args.command]
@@ -229,13 +271,29 @@ def _rank_error(world: World, message: str) -> None:
 
 def _train(args: argparse.Namespace, events) -> None:
     from SemiSupSegLib.backend.cancellation import StopFlag
-    from SemiSupSegLib.backend.config import TrainConfig, parse_setting
-    from SemiSupSegLib.backend.planning import plan_training
-    from SemiSupSegLib.backend.training import train
-    from SemiSupSegLib.backend.validation import check_dataset
+    from SemiSupSegLib.backend.planned_training import train_planned
 
     dataset = _load_training_data(args)
-    base = {"method": args.method, "device": args.device, "modality": dataset.modality}
+    context = {"method": args.method, "device": args.device, "modality": dataset.modality}
+    with StopFlag().installed() as stop:
+        train_planned(
+            dataset,
+            context,
+            _explicit_settings(args),
+            args.out,
+            events,
+            stop,
+            plan=args.plan == "auto",
+            budget=args.budget,
+            resume=args.resume,
+            init_from=args.init_from,
+        )
+
+
+def _explicit_settings(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (options and ``--set``), by setting name."""
+    from SemiSupSegLib.backend.config import parse_setting
+
     explicit = {}
     for name in ("network", "iterations", "seed", "modality"):
         if getattr(args, name) is not None:
@@ -245,23 +303,29 @@ def _train(args: argparse.Namespace, events) -> None:
     for text in args.set:
         key, value = parse_setting(text)
         explicit[key] = value
-    config = TrainConfig.from_dict({**base, **explicit}).validate()
-    check_dataset(dataset, events, check_unlabeled=config.method != "supervised")
-    plan = None
-    if args.plan == "auto" and not args.resume:
-        config, plan = plan_training(dataset, base, explicit, events, args.budget)
+    return explicit
+
+
+def _compare(args: argparse.Namespace, events) -> None:
+    from SemiSupSegLib.backend.cancellation import StopFlag
+    from SemiSupSegLib.backend.method_comparison import compare_methods, format_comparison
+
+    dataset = _load_training_data(args)
+    explicit = _explicit_settings(args)
     with StopFlag().installed() as stop:
-        train(
+        comparison = compare_methods(
             dataset,
-            config,
-            args.out,
+            args.methods,
+            {"device": args.device, "modality": dataset.modality},
+            explicit,
+            Path(args.out),
             events,
             stop,
-            resume=args.resume,
-            init_from=args.init_from,
-            plan=plan,
-            new_budget=config.iterations if "iterations" in explicit else None,
+            holdout=args.holdout,
+            seed=explicit.get("seed", 0),
+            budget=args.budget,
         )
+    print(format_comparison(comparison))
 
 
 def _load_training_data(args: argparse.Namespace):

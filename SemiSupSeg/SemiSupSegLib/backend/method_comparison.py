@@ -1,0 +1,231 @@
+"""Which method to use on *your* data: train supervised and semi-supervised methods on the same
+labeled cases, score each on labeled cases held out of training, and recommend one.
+
+A semi-supervised method does not beat supervised training on every dataset (on Left Atrium
+M&N at the published settings did not; see docs/benchmarks.md), so the default method should
+not be trusted blindly. This is the benchmark's validation protocol applied to a user's own
+data: the held-out cases are out of both the labeled and the unlabeled pools, every method gets
+the same plan rule and time budget, and a method is recommended over supervised training only
+when it scores higher on average *and* on most held-out cases; otherwise supervised training is
+recommended, said plainly. One seed and a few held-out cases make this a check, not a proof:
+the result names how many cases it rests on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+from SemiSupSegLib.backend.atomic_files import write_text_atomic
+from SemiSupSegLib.backend.datasets import Case, Dataset, exclude_cases
+from SemiSupSegLib.backend.errors import ConfigError
+from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.protocol import DEFAULT_BUDGET
+
+#: The result file in the comparison's output folder.
+COMPARISON_FILE = "comparison.json"
+#: Labeled cases that must stay for training after the held-out ones are taken.
+MIN_TRAINING_CASES = 2
+#: The method every other one is compared against.
+BASELINE = "supervised"
+
+
+@dataclass
+class MethodResult:
+    """One method's scores on the held-out cases (mean foreground Dice per case)."""
+
+    method: str
+    case_dice: Dict[str, float]
+    train_seconds: float
+    run: str
+
+    @property
+    def mean_dice(self) -> float:
+        return sum(self.case_dice.values()) / len(self.case_dice)
+
+
+@dataclass
+class Comparison:
+    """The held-out cases, every method's result, and the recommendation with its reason."""
+
+    held_out: List[str]
+    results: List[MethodResult] = field(default_factory=list)
+    recommended: str = BASELINE
+    reason: str = ""
+
+    def to_json(self) -> Dict[str, Any]:
+        data = asdict(self)
+        for entry, result in zip(data["results"], self.results):
+            entry["mean_dice"] = result.mean_dice
+        return data
+
+
+def hold_out(dataset: Dataset, count: int, seed: int) -> Tuple[Dataset, List[Case]]:
+    """Draw ``count`` labeled cases (fixed by ``seed``) and the dataset without them.
+
+    Raises:
+        ConfigError: when fewer than ``MIN_TRAINING_CASES`` labeled cases would remain.
+    """
+    if count < 1:
+        raise ConfigError(f"--holdout must be at least 1, not {count}")
+    if len(dataset.labeled) - count < MIN_TRAINING_CASES:
+        raise ConfigError(
+            f"comparing methods holds {count} labeled case(s) out of training; with "
+            f"{len(dataset.labeled)} labeled case(s) that leaves fewer than "
+            f"{MIN_TRAINING_CASES} to train on: label more cases or hold fewer out"
+        )
+    names = sorted(c.name for c in dataset.labeled)
+    held = sorted(random.Random(seed).sample(names, count))
+    held_cases = [c for c in dataset.labeled if c.name in held]
+    return exclude_cases(dataset, held), held_cases
+
+
+def default_holdout(labeled: int) -> int:
+    """A quarter of the labeled cases, at least 2 (1 when only 3 are labeled)."""
+    return max(1, min(max(2, labeled // 4), labeled - MIN_TRAINING_CASES))
+
+
+def recommend(results: Sequence[MethodResult]) -> Tuple[str, str]:
+    """The method to use and why: the best of those that beat supervised training in mean Dice
+    and on more than half of the held-out cases, else supervised training."""
+    by_name = {r.method: r for r in results}
+    if BASELINE not in by_name:
+        best = max(results, key=lambda r: r.mean_dice)
+        return best.method, f"{best.method} scored highest (supervised training was not compared)"
+    base = by_name[BASELINE]
+    winners = []
+    for result in results:
+        if result.method == BASELINE:
+            continue
+        better = sum(result.case_dice[c] > base.case_dice[c] for c in base.case_dice)
+        gain = result.mean_dice - base.mean_dice
+        if gain > 0 and better > len(base.case_dice) / 2:
+            winners.append((result.mean_dice, result.method, gain, better))
+    cases = len(base.case_dice)
+    if not winners:
+        others = ", ".join(r.method for r in results if r.method != BASELINE)
+        return BASELINE, (
+            f"no semi-supervised method ({others}) beat supervised training on the {cases} "
+            "held-out case(s): use supervised training for this data"
+        )
+    _, method, gain, better = max(winners)
+    return method, (
+        f"{method} beat supervised training by {100 * gain:+.1f} Dice points and on {better} "
+        f"of the {cases} held-out case(s)"
+    )
+
+
+def compare_methods(
+    dataset: Dataset,
+    methods: Sequence[str],
+    context: Dict[str, Any],
+    explicit: Dict[str, Any],
+    out: Path,
+    events: EventSink,
+    stop: Any = None,
+    holdout: int = 0,
+    seed: int = 0,
+    budget: str = DEFAULT_BUDGET,
+) -> Comparison:
+    """Train each of ``methods`` without the held-out cases, score each on them, recommend one.
+
+    Args:
+        dataset: the user's cases; ``holdout`` of the labeled ones are held out of training.
+        methods: method names; supervised training should be among them (it is the baseline).
+        context: device and modality (``method`` is set per method).
+        explicit: the settings the user gave (they apply to every method).
+        out: the comparison folder: ``<method>/run``, ``<method>/validation`` (predictions and
+            ``metrics.csv``) and ``comparison.json``.
+        events: progress for each method in turn.
+        stop: a ``StopFlag``.
+        holdout: held-out labeled cases (0: ``default_holdout``).
+        seed: draws the held-out cases.
+        budget: the time budget every method gets.
+
+    Raises:
+        ConfigError: too few labeled cases, an unknown or repeated method.
+    """
+    from SemiSupSegLib.backend.inference import Predictor, predict_cases
+    from SemiSupSegLib.backend.methods import method_class
+    from SemiSupSegLib.backend.metrics import evaluate_folders
+    from SemiSupSegLib.backend.planned_training import train_planned
+
+    if len(set(methods)) != len(methods) or not methods:
+        raise ConfigError(f"--methods: give each method once, not {list(methods)}")
+    for method in methods:
+        method_class(method)
+    training, held = hold_out(dataset, holdout or default_holdout(len(dataset.labeled)), seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    truth = out / "held-out.json"
+    write_text_atomic(truth, json.dumps(_truth_manifest(held, dataset.classes), indent=1) + "\n")
+    comparison = Comparison(held_out=[c.name for c in held])
+    for number, method in enumerate(methods, 1):
+        events.emit(
+            "stage",
+            stage="comparison",
+            message=f"method {number} of {len(methods)}: {method}, holding out "
+            f"{len(held)} labeled case(s): {', '.join(comparison.held_out)}",
+        )
+        folder = out / method
+        result = train_planned(
+            training, {**context, "method": method}, explicit, folder / "run", events, stop,
+            budget=budget,
+        )  # fmt: skip
+        predictor = Predictor.from_run(folder / "run", device=context.get("device", "auto"))
+        predictions = folder / "validation"
+        predict_cases(predictor, held, predictions, 1, events, stop)
+        evaluate_folders(predictions, truth, folder / "evaluation", dataset.classes)
+        comparison.results.append(
+            MethodResult(
+                method=method,
+                case_dice=case_mean_dice(folder / "evaluation" / "metrics.csv"),
+                train_seconds=float(getattr(result, "seconds", 0.0) or 0.0),
+                run=str(folder / "run"),
+            )
+        )
+    comparison.recommended, comparison.reason = recommend(comparison.results)
+    write_text_atomic(out / COMPARISON_FILE, json.dumps(comparison.to_json(), indent=1) + "\n")
+    events.emit(
+        "output",
+        stage="comparison",
+        message=f"recommended: {comparison.recommended} ({comparison.reason})",
+        outputs={"comparison": str(out / COMPARISON_FILE)},
+    )
+    return comparison
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """A table for a terminal: mean Dice per method, then the recommendation."""
+    width = max(len(r.method) for r in comparison.results)
+    lines = [
+        f"Held-out labeled cases ({len(comparison.held_out)}): {', '.join(comparison.held_out)}"
+    ]
+    for r in sorted(comparison.results, key=lambda r: -r.mean_dice):
+        lines.append(f"  {r.method:<{width}}  mean Dice {r.mean_dice:.4f}")
+    lines.append(f"Recommended: {comparison.recommended} ({comparison.reason})")
+    return "\n".join(lines)
+
+
+def _truth_manifest(cases: Sequence[Case], classes: Any) -> Dict[str, Any]:
+    labels = {"0": "background", **{str(k): v for k, v in (classes or {}).items() if k != 0}}
+    return {
+        "labels": labels,
+        "training": [
+            {"name": c.name, "image": str(Path(c.image).absolute()), "label": str(Path(c.label).absolute())}
+            for c in cases
+        ],
+    }  # fmt: skip
+
+
+def case_mean_dice(metrics_csv: Path) -> Dict[str, float]:
+    """Mean foreground Dice per case from an evaluation's ``metrics.csv``."""
+    per_case: Dict[str, List[float]] = {}
+    with open(metrics_csv, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            per_case.setdefault(row["case"], []).append(float(row["dice"]))
+    return {case: sum(values) / len(values) for case, values in per_case.items()}

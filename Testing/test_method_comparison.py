@@ -1,0 +1,76 @@
+"""`semisupseg compare`: methods trained without held-out labeled cases, scored on them, and a
+semi-supervised method recommended only when it beats supervised training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from backend_helpers import run_cli, tiny_set_arguments, write_tiny_dataset
+from SemiSupSegLib.backend.datasets import from_folders
+from SemiSupSegLib.backend.errors import ConfigError
+from SemiSupSegLib.backend.method_comparison import (
+    COMPARISON_FILE,
+    MethodResult,
+    default_holdout,
+    hold_out,
+    recommend,
+)
+
+
+def result(method: str, dice: list) -> MethodResult:
+    return MethodResult(method, {f"case{i}": d for i, d in enumerate(dice)}, 1.0, "")
+
+
+def test_a_method_is_recommended_only_when_it_wins_on_average_and_on_most_cases():
+    base = result("supervised", [0.80, 0.80, 0.80, 0.80])
+    wins = result("mn", [0.85, 0.82, 0.79, 0.81])
+    assert recommend([base, wins])[0] == "mn"
+    one_lucky_case = result("mn", [0.99, 0.79, 0.79, 0.79])  # higher mean, 1 of 4 cases
+    method, reason = recommend([base, one_lucky_case])
+    assert method == "supervised" and "use supervised training" in reason
+    worse = result("em", [0.70, 0.70, 0.70, 0.70])
+    assert recommend([base, worse, wins])[0] == "mn"
+
+
+def test_hold_out_is_fixed_by_seed_and_leaves_enough_to_train(tmp_path):
+    images, labels = write_tiny_dataset(tmp_path, count=5, size=8)
+    dataset = from_folders(images, labels)
+    training, held = hold_out(dataset, 2, seed=0)
+    assert [c.name for c in held] == [c.name for c in hold_out(dataset, 2, seed=0)[1]]
+    assert len(held) == 2 and len(training.labeled) == 3
+    assert not {c.name for c in held} & {c.name for c in training.labeled + training.unlabeled}
+    with pytest.raises(ConfigError, match="fewer than 2 to train on"):
+        hold_out(dataset, 4, seed=0)
+    assert default_holdout(8) == 2 and default_holdout(16) == 4 and default_holdout(3) == 1
+
+
+def test_compare_trains_each_method_without_the_held_out_cases(tmp_path):
+    images, labels = write_tiny_dataset(tmp_path, count=5)
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for case in ("case3", "case4"):  # extra images (copies of labeled ones, without labels)
+        shutil.copy(images / f"{case}.nii.gz", unlabeled / f"extra{case[-1]}.nii.gz")
+    out = tmp_path / "comparison"
+    code, events = run_cli(
+        ["compare", "--images", images, "--labels", labels, "--unlabeled", unlabeled,
+         "--methods", "supervised", "mean-teacher", "--holdout", "2", "--iterations", "2",
+         "--device", "cpu", "--out", out, *tiny_set_arguments()],
+        tmp_path / "events.jsonl",
+    )  # fmt: skip
+    assert code == 0, events[-1]["message"]
+    comparison = json.loads((out / COMPARISON_FILE).read_text())
+    held = set(comparison["held_out"])
+    assert len(held) == 2
+    results = {r["method"]: r for r in comparison["results"]}
+    assert set(results) == {"supervised", "mean-teacher"}
+    for method, entry in results.items():
+        assert set(entry["case_dice"]) == held
+        cases = json.loads((out / method / "run" / "cases.json").read_text())
+        trained_on = {c["name"] for c in cases["labeled"] + cases.get("unlabeled", [])}
+        assert not trained_on & held, method
+    scored = [MethodResult(r["method"], r["case_dice"], 0.0, "") for r in comparison["results"]]
+    assert (comparison["recommended"], comparison["reason"]) == recommend(scored)
+    assert any(e["event"] == "output" and "recommended" in e["message"] for e in events)
