@@ -50,11 +50,13 @@ DATASETS = {
         "data": os.environ.get("SEMISUPSEG_DATA", str(ROOT.parent / "shared" / "data" / "msd-hippocampus")),
         "validation": 20,
         "key": "",
+        "labels": [4, 8, 16],
     },
     "la": {
         "data": os.environ.get("SEMISUPSEG_LA", str(ROOT.parent / "data" / "LA")),
         "validation": 10,
         "key": "la-",
+        "labels": [8, 16],
     },
 }  # fmt: skip
 #: UA-MT's and the V-Net baseline's schedule on Left Atrium (Yu et al., MICCAI 2019): SGD there,
@@ -797,7 +799,12 @@ def main() -> None:
         help="passed to train --plan (default: auto with --score, off for the earlier protocol)",
     )
     parser.add_argument("--methods", nargs="+", default=["supervised"])
-    parser.add_argument("--labels", nargs="+", type=int, default=[4, 8, 16])
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        type=int,
+        help="labeled training cases (default: 4 8 16 on the hippocampus, 8 16 on Left Atrium)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--network", default="unet")
     parser.add_argument("--iterations", type=int, default=1500)
@@ -843,6 +850,7 @@ def main() -> None:
             results = save_result(r)
     if not args.report_only:
         args.data = args.data or DATASETS[args.dataset]["data"]
+        args.labels = args.labels or DATASETS[args.dataset]["labels"]
         if not args.score and args.dataset != "hippocampus":
             raise SystemExit("--score val or --score test: the validation protocol is required")
         args.plan = args.plan or ("auto" if args.score else "off")
