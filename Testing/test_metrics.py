@@ -224,6 +224,6 @@ def test_classes_found_from_files_and_unknown_values_rejected(tmp_path):
     summary = evaluate_folders(preds, truths, tmp_path / "out")
     assert {k: v["name"] for k, v in summary["classes"].items()} == {"1": "class 1", "2": "class 2"}
     assert summary["mean_foreground"]["dice"] == pytest.approx(1.0)
-    with pytest.raises(DataError, match="not among the classes") as info:
+    with pytest.raises(DataError, match="not among the declared classes") as info:
         evaluate_folders(preds, truths, tmp_path / "out", classes={1: "one"})
     assert info.value.path.name == "b.nii.gz"

@@ -113,7 +113,7 @@ def test_prediction_keeps_the_input_geometry(trained_run, hippocampus, tmp_path)
             sitk.ReadImage(str(out / "uncertainty" / "tilted.nrrd"))
         )
         assert uncertainty.min() >= 0 and uncertainty.max() <= math.log(3) + 1e-5
-        assert rows[0]["case"] == "tilted" and rows[0]["score"] > 0
+        assert rows[0].case == "tilted" and rows[0].score > 0
         assert (out / "scores.csv").read_text().startswith("case,score")
 
 
