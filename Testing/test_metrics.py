@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -14,6 +13,14 @@ import SimpleITK as sitk
 
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.metrics import case_metrics, evaluate_folders, format_summary
+from SemiSupSegLib.output_layout import (
+    METRICS_COLUMNS,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    UNCERTAINTY_FOLDER,
+    MetricsRow,
+    read_table,
+)
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared/data/msd-hippocampus"
 needs_hippocampus = pytest.mark.skipif(
@@ -129,21 +136,24 @@ def test_evaluate_folders_synthetic_label_folder(tmp_path):
     preds, truths, out = tmp_path / "pred", tmp_path / "truth", tmp_path / "out"
     preds.mkdir()
     truths.mkdir()
-    (preds / "uncertainty").mkdir()
+    (preds / UNCERTAINTY_FOLDER).mkdir()
     truth = _cube(shape=(12, 12, 12), start=(3, 3, 3), size=4)
     _write(truth, truths / "a.nii.gz", (1.0, 1.0, 3.0))
     _write(truth, truths / "b.nrrd", (1.0, 1.0, 3.0))
     _write(truth, truths / "c.nii.gz", (1.0, 1.0, 3.0))  # no prediction: not scored
     _write(truth, preds / "a.nii.gz", (1.0, 1.0, 3.0))
     _write(np.zeros_like(truth), preds / "b.mha", (1.0, 1.0, 3.0))
-    _write(np.zeros_like(truth, dtype=np.float32), preds / "uncertainty" / "zz.nii.gz")
+    _write(np.zeros_like(truth, dtype=np.float32), preds / UNCERTAINTY_FOLDER / "zz.nii.gz")
     summary = evaluate_folders(preds, truths, out, classes={1: "thing"})
     assert summary["cases"] == ["a", "b"]
     assert summary["num_truth_cases_without_prediction"] == 1
     assert summary["classes"]["1"]["dice"]["mean"] == pytest.approx(0.5)
     assert summary["classes"]["1"]["num_penalties"] == 1
-    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
-    assert [r["penalty"] for r in rows] == ["none", "empty_prediction"]
+    rows = read_table(out / METRICS_FILE, MetricsRow)
+    assert [(r.case, r.class_name, r.penalty) for r in rows] == [
+        ("a", "thing", "none"),
+        ("b", "thing", "empty_prediction"),
+    ]
     assert "Dice 0.500" in format_summary(summary)
 
 
@@ -181,13 +191,12 @@ def test_evaluate_folders_real_labels_are_perfect(tmp_path):
         assert stats["hd95_mm"]["mean"] == pytest.approx(0.0)
     assert summary["mean_foreground"]["dice"] == pytest.approx(1.0)
 
-    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
-    assert len(rows) == 3 * 2
-    assert set(rows[0]) == {
-        "case", "class_value", "class_name", "dice", "iou", "hd95_mm", "asd_mm", "penalty"
-    }  # fmt: skip
-    assert all(float(r["dice"]) == pytest.approx(1.0) for r in rows)
-    on_disk = json.loads((out / "summary.json").read_text())
+    header = (out / METRICS_FILE).read_text().splitlines()[0]
+    assert tuple(header.split(",")) == METRICS_COLUMNS
+    rows = read_table(out / METRICS_FILE, MetricsRow)
+    assert [(r.case, r.class_value) for r in rows] == [(c, v) for c in REAL_CASES for v in (1, 2)]
+    assert all(r.dice == pytest.approx(1.0) and r.hd95_mm == 0.0 for r in rows)
+    on_disk = json.loads((out / SUMMARY_FILE).read_text())
     assert on_disk == summary
     assert "penalty" in on_disk["penalty_convention"] or "diagonal" in on_disk["penalty_convention"]
     assert not list(out.glob("*.tmp"))

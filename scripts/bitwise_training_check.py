@@ -28,7 +28,11 @@ from SemiSupSegLib.backend.config import TrainConfig  # noqa: E402
 from SemiSupSegLib.backend.datasets import from_folders  # noqa: E402
 from SemiSupSegLib.backend.events import EventSink  # noqa: E402
 from SemiSupSegLib.backend.training import train  # noqa: E402
-from SemiSupSegLib.output_layout import CHECKPOINT_FILE  # noqa: E402
+
+try:
+    from SemiSupSegLib.output_layout import CHECKPOINT_FILE
+except ImportError:  # a tree from before output_layout: this script compares old with new
+    from SemiSupSegLib.backend.checkpoint import CHECKPOINT_NAME as CHECKPOINT_FILE
 
 CLASSES = {0: "background", 1: "upper", 2: "lower"}
 

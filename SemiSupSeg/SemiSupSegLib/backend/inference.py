@@ -31,6 +31,7 @@ from SemiSupSegLib.backend.networks import SegmentationNetwork, network_from_spe
 from SemiSupSegLib.backend.prediction_manifest import (
     COMPLETE,
     PARTIAL,
+    case_entry,
     check_replaceable,
     write_manifest,
 )
@@ -273,10 +274,7 @@ def predict_cases(
     with FolderLock(out_dir):
         check_replaceable(out_dir)
         with StagedFolder(out_dir) as staged:
-            listed = [
-                {"case": c.name, "label": n, "uncertainty": uncertainty_file_name(n)}
-                for c, n in zip(cases, names)
-            ]
+            listed = [case_entry(c.name, n) for c, n in zip(cases, names)]
             write_manifest(staged.staging, source, listed, PARTIAL)
             events.emit("stage", stage="prediction", iteration=0, total=total)
             for index, (case, name) in enumerate(zip(cases, names)):

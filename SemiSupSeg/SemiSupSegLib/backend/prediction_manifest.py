@@ -16,11 +16,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.errors import DataError
-from SemiSupSegLib.output_layout import PREDICTION_MANIFEST_FILE
+from SemiSupSegLib.output_layout import PREDICTION_MANIFEST_FILE, uncertainty_file_name
 
 FORMAT = "semisupseg-predictions"
 PARTIAL = "partial"
 COMPLETE = "complete"
+
+
+def case_entry(case: str, label_file: str) -> Dict[str, str]:
+    """A case as the manifest lists it: its name and its files, relative to the folder."""
+    return {"case": case, "label": label_file, "uncertainty": uncertainty_file_name(label_file)}
 
 
 def write_manifest(
