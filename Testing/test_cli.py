@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
+from SemiSupSegLib.output_layout import (
+    CONFIG_FILE,
+    PREDICTIONS_FOLDER,
+    SCORES_FILE,
+    SUMMARY_FILE,
+    UNCERTAINTY_FOLDER,
+)
 from SemiSupSegLib.protocol import EXIT_FAILED, JobSpec, LabeledCase, UnlabeledCase, parse_event
 
 CLI = [sys.executable, "-m", "SemiSupSegLib.backend"]
@@ -61,7 +68,7 @@ def test_train_predict_evaluate_on_folders(cases, tmp_path):
     start = next(e for e in log if e["event"] == "start")
     assert "2 labeled" in start["message"]
     assert [e["iteration"] for e in log if e["event"] == "progress"] == [1, 2, 3, 4]
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     assert config["iterations"] == 4 and config["batch_size"] == 1
 
     result = run_cli(
@@ -77,8 +84,8 @@ def test_train_predict_evaluate_on_folders(cases, tmp_path):
     assert result.returncode == 0, result.stderr
     for name in cases:
         assert (tmp_path / "pred" / f"{name}.nii.gz").exists()
-        assert (tmp_path / "pred" / "uncertainty" / f"{name}.nii.gz").exists()
-    with open(tmp_path / "pred" / "scores.csv") as handle:
+        assert (tmp_path / "pred" / UNCERTAINTY_FOLDER / f"{name}.nii.gz").exists()
+    with open(tmp_path / "pred" / SCORES_FILE) as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(r["case"] for r in rows) == sorted(cases)
     scores = [float(r["score"]) for r in rows]
@@ -88,7 +95,7 @@ def test_train_predict_evaluate_on_folders(cases, tmp_path):
         "evaluate", "--pred", tmp_path / "pred", "--truth", labels, "--out", tmp_path / "eval"
     )
     assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "eval" / SUMMARY_FILE).read_text())
     assert summary["num_cases"] == 3
     assert "Mean foreground Dice" in result.stdout
 
@@ -111,7 +118,7 @@ def test_run_job_writes_model_predictions_and_scores(cases, tmp_path):
     for event in events:
         outputs.update(event.get("outputs", {}))
     assert Path(outputs["model"]).exists()
-    prediction = sitk.ReadImage(str(tmp_path / "out" / "predictions" / f"{c}.nii.gz"))
+    prediction = sitk.ReadImage(str(tmp_path / "out" / PREDICTIONS_FOLDER / f"{c}.nii.gz"))
     source = sitk.ReadImage(str(cases[c][0]))
     assert prediction.GetSize() == source.GetSize()
     assert prediction.GetDirection() == source.GetDirection()

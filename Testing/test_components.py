@@ -18,6 +18,7 @@ from SemiSupSegLib.backend.preprocessing import (
     resample_to_spacing,
 )
 from SemiSupSegLib.backend.splits import benchmark_split
+from SemiSupSegLib.output_layout import CHECKPOINT_FILE
 
 
 @pytest.mark.parametrize(
@@ -85,10 +86,10 @@ def test_resampling_there_and_back_keeps_geometry():
 
 
 def test_checkpoints_are_atomic_and_damage_is_reported(tmp_path):
-    path = save_checkpoint(tmp_path / "checkpoint.pt", {"iteration": 3})
+    path = save_checkpoint(tmp_path / CHECKPOINT_FILE, {"iteration": 3})
     loaded = load_checkpoint(tmp_path)
     assert loaded["iteration"] == 3 and "torch" in loaded["versions"]
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(DataError, match="not a readable checkpoint"):
         load_checkpoint(path)

@@ -22,6 +22,13 @@ from SemiSupSegLib.backend.checkpoint import load_checkpoint
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.distributed import RANK_STATE_DIR
 from SemiSupSegLib.backend.methods import create_method
+from SemiSupSegLib.output_layout import (
+    CASES_FILE,
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    PLAN_FILE,
+)
 from SemiSupSegLib.protocol import parse_event
 
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
@@ -35,7 +42,7 @@ SETTINGS = {
 }
 ITERATIONS = 4
 #: What a single-process ``train`` writes into --out (events go to a file outside it).
-RUN_FILES = ["cases.json", "checkpoint.pt", "config.json", "model.pt", "plan.json"]
+RUN_FILES = sorted([CASES_FILE, CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, PLAN_FILE])
 #: Per method: the network trained by gradient, and the one ``predict`` deploys.
 NETWORKS = {
     "supervised": ("network", "network"),
@@ -130,7 +137,7 @@ def test_two_processes_train_identical_replicas(method, folders, tmp_path):
         state.pop("last_losses", None)
     assert _equal(*states) > 10
     name, deploy = NETWORKS[method]
-    deployed = load_checkpoint(out / "model.pt")["model"]["state_dict"]
+    deployed = load_checkpoint(out / MODEL_FILE)["model"]["state_dict"]
     assert _equal(states[0][deploy], deployed) == len(deployed)
 
     # ... and training moved them from the shared initial weights.

@@ -27,6 +27,7 @@ from SemiSupSegLib.backend.methods.embedding_matching import (
 )
 from SemiSupSegLib.backend.methods.teacher_student import ema_decay, ramp, reliability_threshold
 from SemiSupSegLib.backend.training import train
+from SemiSupSegLib.output_layout import MODEL_FILE
 
 TINY_UNET = {"channels": [4, 8, 16], "strides": [2, 2]}
 
@@ -200,7 +201,7 @@ def test_method_trains_a_few_iterations_on_hippocampus(method, few_cases, tmp_pa
     assert 0.0 <= share <= 1.0
     if method == "em":
         assert {"supervised", "consistency", "matching"} <= set(result.final_losses)
-    model = load_checkpoint(tmp_path / "run" / "model.pt")
+    model = load_checkpoint(tmp_path / "run" / MODEL_FILE)
     expected = 0.0 if method == "mean-teacher" else 0.15
     assert model["model"]["spec"]["dropout"] == expected
 
@@ -230,5 +231,5 @@ def test_mn_em_cotrains_a_few_iterations_on_hippocampus(few_cases, tmp_path):
     progress = [json.loads(line) for line in events_path.read_text().splitlines()]
     metrics = [e["metrics"] for e in progress if e["event"] == "progress"]
     assert 0.0 <= metrics[-1]["unreliable_share"] <= 1.0  # co-training steps report it
-    model = load_checkpoint(tmp_path / "run" / "model.pt")
+    model = load_checkpoint(tmp_path / "run" / MODEL_FILE)
     assert model["model"]["spec"]["dropout"] == 0.15

@@ -21,6 +21,7 @@ import torch
 
 from backend_helpers import TINY_SETTINGS, run_cli, write_tiny_dataset
 from SemiSupSegLib.backend.prediction_manifest import check_complete
+from SemiSupSegLib.output_layout import PREDICTIONS_FOLDER
 from SemiSupSegLib.protocol import EXIT_FAILED
 
 MISSING = object()  # a field left out of the job
@@ -220,7 +221,7 @@ def test_a_well_formed_job_gives_a_correct_result(data, tmp_path, capsys):
     (tmp_path / "job.json").write_text(json.dumps(_base(data)))
     code, events, stderr = _outcome(tmp_path, capsys)
     assert code == 0, events[-1]
-    predictions = tmp_path / "out" / "predictions"
+    predictions = tmp_path / "out" / PREDICTIONS_FOLDER
     assert check_complete(predictions)["cases"][0]["case"] == "case2"
     result = sitk.ReadImage(str(predictions / "case2.nii.gz"))
     source = sitk.ReadImage(str(data / "images" / "case2.nii.gz"))

@@ -12,12 +12,12 @@ from backend_helpers import run_cli, tiny_set_arguments, write_tiny_dataset
 from SemiSupSegLib.backend.datasets import from_folders
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.method_comparison import (
-    COMPARISON_FILE,
     MethodResult,
     default_holdout,
     hold_out,
     recommend,
 )
+from SemiSupSegLib.output_layout import CASES_FILE, COMPARISON_FILE, RUN_FOLDER
 
 
 def result(method: str, dice: list) -> MethodResult:
@@ -68,7 +68,7 @@ def test_compare_trains_each_method_without_the_held_out_cases(tmp_path):
     assert set(results) == {"supervised", "mean-teacher"}
     for method, entry in results.items():
         assert set(entry["case_dice"]) == held
-        cases = json.loads((out / method / "run" / "cases.json").read_text())
+        cases = json.loads((out / method / RUN_FOLDER / CASES_FILE).read_text())
         trained_on = {c["name"] for c in cases["labeled"] + cases.get("unlabeled", [])}
         assert not trained_on & held, method
     scored = [MethodResult(r["method"], r["case_dice"], 0.0, "") for r in comparison["results"]]

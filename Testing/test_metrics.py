@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -14,6 +13,14 @@ import SimpleITK as sitk
 
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.metrics import case_metrics, evaluate_folders, format_summary
+from SemiSupSegLib.output_layout import (
+    METRICS_COLUMNS,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    UNCERTAINTY_FOLDER,
+    MetricsRow,
+    read_table,
+)
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared/data/msd-hippocampus"
 needs_hippocampus = pytest.mark.skipif(
@@ -129,21 +136,24 @@ def test_evaluate_folders_synthetic_label_folder(tmp_path):
     preds, truths, out = tmp_path / "pred", tmp_path / "truth", tmp_path / "out"
     preds.mkdir()
     truths.mkdir()
-    (preds / "uncertainty").mkdir()
+    (preds / UNCERTAINTY_FOLDER).mkdir()
     truth = _cube(shape=(12, 12, 12), start=(3, 3, 3), size=4)
     _write(truth, truths / "a.nii.gz", (1.0, 1.0, 3.0))
     _write(truth, truths / "b.nrrd", (1.0, 1.0, 3.0))
     _write(truth, truths / "c.nii.gz", (1.0, 1.0, 3.0))  # no prediction: not scored
     _write(truth, preds / "a.nii.gz", (1.0, 1.0, 3.0))
     _write(np.zeros_like(truth), preds / "b.mha", (1.0, 1.0, 3.0))
-    _write(np.zeros_like(truth, dtype=np.float32), preds / "uncertainty" / "zz.nii.gz")
+    _write(np.zeros_like(truth, dtype=np.float32), preds / UNCERTAINTY_FOLDER / "zz.nii.gz")
     summary = evaluate_folders(preds, truths, out, classes={1: "thing"})
     assert summary["cases"] == ["a", "b"]
     assert summary["num_truth_cases_without_prediction"] == 1
     assert summary["classes"]["1"]["dice"]["mean"] == pytest.approx(0.5)
     assert summary["classes"]["1"]["num_penalties"] == 1
-    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
-    assert [r["penalty"] for r in rows] == ["none", "empty_prediction"]
+    rows = read_table(out / METRICS_FILE, MetricsRow)
+    assert [(r.case, r.class_name, r.penalty) for r in rows] == [
+        ("a", "thing", "none"),
+        ("b", "thing", "empty_prediction"),
+    ]
     assert "Dice 0.500" in format_summary(summary)
 
 
@@ -181,13 +191,12 @@ def test_evaluate_folders_real_labels_are_perfect(tmp_path):
         assert stats["hd95_mm"]["mean"] == pytest.approx(0.0)
     assert summary["mean_foreground"]["dice"] == pytest.approx(1.0)
 
-    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
-    assert len(rows) == 3 * 2
-    assert set(rows[0]) == {
-        "case", "class_value", "class_name", "dice", "iou", "hd95_mm", "asd_mm", "penalty"
-    }  # fmt: skip
-    assert all(float(r["dice"]) == pytest.approx(1.0) for r in rows)
-    on_disk = json.loads((out / "summary.json").read_text())
+    header = (out / METRICS_FILE).read_text().splitlines()[0]
+    assert tuple(header.split(",")) == METRICS_COLUMNS
+    rows = read_table(out / METRICS_FILE, MetricsRow)
+    assert [(r.case, r.class_value) for r in rows] == [(c, v) for c in REAL_CASES for v in (1, 2)]
+    assert all(r.dice == pytest.approx(1.0) and r.hd95_mm == 0.0 for r in rows)
+    on_disk = json.loads((out / SUMMARY_FILE).read_text())
     assert on_disk == summary
     assert "penalty" in on_disk["penalty_convention"] or "diagonal" in on_disk["penalty_convention"]
     assert not list(out.glob("*.tmp"))
@@ -224,6 +233,133 @@ def test_classes_found_from_files_and_unknown_values_rejected(tmp_path):
     summary = evaluate_folders(preds, truths, tmp_path / "out")
     assert {k: v["name"] for k, v in summary["classes"].items()} == {"1": "class 1", "2": "class 2"}
     assert summary["mean_foreground"]["dice"] == pytest.approx(1.0)
-    with pytest.raises(DataError, match="not among the classes") as info:
+    with pytest.raises(DataError, match="not among the declared classes") as info:
         evaluate_folders(preds, truths, tmp_path / "out", classes={1: "one"})
     assert info.value.path.name == "b.nii.gz"
+
+
+# ------------------------------------------- evaluate reads data by the rules training uses
+
+
+def _nnunet(root: Path, labels: dict) -> None:
+    images = root / "imagesTr"
+    images.mkdir(parents=True)
+    for name in labels:
+        shutil.copy(labels[name], images / f"{name}_0000.nii.gz")  # any volume is an image
+    manifest = {
+        "channel_names": {"0": "MRI"},
+        "labels": {"background": 0, "thing": 1},
+        "numTraining": len(labels),
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(manifest))
+
+
+def _decathlon(root: Path, labels: dict) -> None:
+    (root / "imagesTr").mkdir()
+    for name in labels:
+        shutil.copy(labels[name], root / "imagesTr" / f"{name}.nii.gz")
+    training = [
+        {"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in labels
+    ]
+    manifest = {"training": training, "labels": {"0": "background", "1": "thing"}}
+    (root / "dataset.json").write_text(json.dumps(manifest))
+
+
+def _plain(root: Path, labels: dict) -> None:
+    (root / "imagesTr").mkdir()
+    for name in labels:
+        shutil.copy(labels[name], root / "imagesTr" / f"{name}.nii.gz")
+
+
+@pytest.mark.parametrize("layout", ["label files named case_0000", "nnU-Net", "imagesTr+labelsTr", "Decathlon"])  # fmt: skip
+def test_truth_in_every_layout_train_reads(tmp_path, layout):
+    """evaluate --truth takes what train --data takes, and names its cases as training does:
+    an nnU-Net raw folder, a folder with imagesTr/ and labelsTr/, and label files named with
+    nnU-Net's _0000 channel suffix all match predictions named case.nii.gz."""
+    from SemiSupSegLib.backend.datasets import load_dataset
+
+    preds, root = tmp_path / "pred", tmp_path / "truth"
+    preds.mkdir()
+    (root / "labelsTr").mkdir(parents=True)
+    truth = _cube(shape=(12, 12, 12), start=(3, 3, 3), size=4)
+    labels = {n: _write(truth, root / "labelsTr" / f"{n}.nii.gz") for n in ("a", "b")}
+    _write(truth, preds / "a.nii.gz")
+    _write(np.zeros_like(truth), preds / "b.nii.gz")
+    if layout == "label files named case_0000":
+        for name, path in labels.items():
+            path.rename(root / f"{name}_0000.nii.gz")
+    else:
+        {"nnU-Net": _nnunet, "imagesTr+labelsTr": _plain, "Decathlon": _decathlon}[layout](
+            root, labels
+        )
+        assert sorted(c.name for c in load_dataset(root).labeled) == ["a", "b"]
+
+    summary = evaluate_folders(preds, root, tmp_path / "out")
+    assert summary["cases"] == ["a", "b"]
+    assert summary["classes"]["1"]["dice"]["mean"] == pytest.approx(0.5)
+    named = "thing" if layout in ("nnU-Net", "Decathlon") else "class 1"
+    assert summary["classes"]["1"]["name"] == named
+
+
+@pytest.mark.parametrize("side", ["prediction", "truth"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_label_map_is_a_clean_error_naming_it(tmp_path, side, suffix):
+    """A label map cut short is refused with the file named, as training refuses it; ITK alone
+    reads a cut .nii as a volume whose missing part is background."""
+    preds, truths = tmp_path / "pred", tmp_path / "truth"
+    preds.mkdir()
+    truths.mkdir()
+    label = _cube(shape=(40, 40, 40), start=(5, 5, 5), size=30)
+    files = {
+        "prediction": _write(label, preds / f"a{suffix}"),
+        "truth": _write(label, truths / f"a{suffix}"),
+    }
+    data = files[side].read_bytes()
+    files[side].write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataError, match="truncated") as info:
+        evaluate_folders(preds, truths, tmp_path / "out")
+    assert info.value.path == files[side]
+
+
+def _rotation_z(angle: float) -> tuple:
+    c, s = math.cos(angle), math.sin(angle)
+    return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "geometry, same_grid",
+    [
+        ({"direction": _rotation_z(5e-4)}, True),  # single-precision-sized: one grid
+        ({"spacing": (0.5003, 0.5, 0.5)}, True),
+        ({"origin": (8e-4, 0.0, 0.0)}, False),  # more than 1e-3 of a 0.5 mm voxel
+        ({"spacing": (0.6, 0.5, 0.5)}, False),
+    ],
+)
+def test_one_geometry_rule_for_training_and_evaluation(tmp_path, geometry, same_grid):
+    """A prediction lies on its truth's grid for evaluate exactly when training would take the
+    two as an image and its label map (``volumes.geometry_mismatch``)."""
+    from SemiSupSegLib.backend.validation import validate_pair
+
+    preds, truths = tmp_path / "pred", tmp_path / "truth"
+    preds.mkdir()
+    truths.mkdir()
+    label = _cube(shape=(12, 12, 12), start=(3, 3, 3), size=4)
+    truth = _write(label, truths / "a.nii.gz", (0.5, 0.5, 0.5))
+    image = sitk.GetImageFromArray(label)
+    image.SetSpacing(geometry.get("spacing", (0.5, 0.5, 0.5)))
+    image.SetOrigin(geometry.get("origin", (0.0, 0.0, 0.0)))
+    image.SetDirection(geometry.get("direction", _rotation_z(0.0)))
+    prediction = preds / "a.nii.gz"
+    sitk.WriteImage(image, str(prediction))
+
+    def accepted(check) -> bool:
+        try:
+            check()
+        except DataError as error:
+            assert "spacing" in str(error) or "origin" in str(error) or "direction" in str(error)
+            return False
+        return True
+
+    assert accepted(lambda: validate_pair(truth, prediction, None)) is same_grid
+    assert accepted(lambda: evaluate_folders(preds, truths, tmp_path / "out")) is same_grid

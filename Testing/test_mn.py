@@ -24,6 +24,7 @@ from SemiSupSegLib.backend.methods.mn import (
     lr_guided_unlabeled,
 )
 from SemiSupSegLib.backend.training import StopFlag, previous_method_state, train
+from SemiSupSegLib.output_layout import CHECKPOINT_FILE, MODEL_FILE
 
 # Three levels, so 16-voxel test patches keep more than one voxel at the bottom.
 SMALL_UNET = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
@@ -191,12 +192,12 @@ def test_cancel_and_resume(hippocampus, tmp_path):
     config = _config().with_setting("iterations", 6)
     with pytest.raises(CancelledError):
         train(dataset, config, tmp_path, stop=_StopAfter(4))
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE)
     assert state["iteration"] == 4
     assert state["method_state"]["sched2d"]["last_epoch"] == 4
     result = train(dataset, config, tmp_path, resume=True)
     assert result.iterations == 6
-    final = load_checkpoint(tmp_path / "checkpoint.pt")["method_state"]
+    final = load_checkpoint(tmp_path / CHECKPOINT_FILE)["method_state"]
     assert final["sched3d"]["last_epoch"] == 6 and final["opt2d"]["state"]
 
 
@@ -238,13 +239,13 @@ def test_warm_start_resumes_the_2d_partner(hippocampus, tmp_path):
     dataset = Dataset(hippocampus.labeled[:2], hippocampus.labeled[2:4], hippocampus.classes, "MR")
     config = _config().with_setting("iterations", 2)
     train(dataset, config, tmp_path / "round1")
-    previous = load_checkpoint(tmp_path / "round1" / "model.pt")
+    previous = load_checkpoint(tmp_path / "round1" / MODEL_FILE)
     assert "method_state" not in previous  # the model file holds the 3D model only
 
-    state = previous_method_state(previous, tmp_path / "round1" / "model.pt", config)
+    state = previous_method_state(previous, tmp_path / "round1" / MODEL_FILE, config)
     method = create_method(config, 3, torch.device("cpu"))
     assert method.warm_start(previous["model"]["state_dict"], state) == []
-    trained_2d = load_checkpoint(tmp_path / "round1" / "checkpoint.pt")["method_state"]["net2d"]
+    trained_2d = load_checkpoint(tmp_path / "round1" / CHECKPOINT_FILE)["method_state"]["net2d"]
     for name, value in method.net2d.state_dict().items():
         assert torch.equal(value, trained_2d[name]), name
 

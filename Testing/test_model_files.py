@@ -20,6 +20,7 @@ from SemiSupSegLib.backend.checkpoint import (
     save_checkpoint,
 )
 from SemiSupSegLib.backend.errors import DataError
+from SemiSupSegLib.output_layout import CHECKPOINT_FILE, MODEL_FILE
 from SemiSupSegLib.protocol import EXIT_FAILED, JobSpec, LabeledCase
 
 
@@ -57,7 +58,7 @@ def _assert_refused(code, events, crafted: Path, marker: Path) -> None:
 
 def test_predict_refuses_a_crafted_model(data):
     marker = data / "ran"
-    crafted = _craft(data / "shared" / "model.pt", marker)
+    crafted = _craft(data / "shared" / MODEL_FILE, marker)
     code, events = run_cli(
         ["predict", "--run", crafted.parent, "--input", data / "images", "--out", data / "pred"],
         data / "events.jsonl",
@@ -68,7 +69,7 @@ def test_predict_refuses_a_crafted_model(data):
 
 def test_train_init_from_refuses_a_crafted_model(data):
     marker = data / "ran"
-    crafted = _craft(data / "shared" / "model.pt", marker)
+    crafted = _craft(data / "shared" / MODEL_FILE, marker)
     arguments = train_arguments(data, data / "run", "--iterations", 1, "--init-from", crafted)
     code, events = run_cli(arguments, data / "events.jsonl")
     _assert_refused(code, events, crafted, marker)
@@ -76,14 +77,14 @@ def test_train_init_from_refuses_a_crafted_model(data):
 
 def test_train_resume_refuses_a_crafted_checkpoint(data):
     marker = data / "ran"
-    crafted = _craft(data / "run" / "checkpoint.pt", marker)
+    crafted = _craft(data / "run" / CHECKPOINT_FILE, marker)
     code, events = run_cli(train_arguments(data, data / "run", "--resume"), data / "events.jsonl")
     _assert_refused(code, events, crafted, marker)
 
 
 def test_job_init_from_refuses_a_crafted_model(data):
     marker = data / "ran"
-    crafted = _craft(data / "shared" / "model.pt", marker)
+    crafted = _craft(data / "shared" / MODEL_FILE, marker)
     settings = {"iterations": 1, "batch_size": 1, "patch_size": [16, 16, 16]}
     job = JobSpec(
         labeled=[LabeledCase("case0", "images/case0.nii.gz", "labels/case0.nii.gz")],
@@ -101,7 +102,7 @@ def test_what_training_writes_loads_with_weights_only(data):
     """Plain ``torch.load(weights_only=True)``, without any allow-list, reads the checkpoint and
     the model file of a real (tiny) training."""
     train_tiny(data, data / "run", 1)
-    for name in ("checkpoint.pt", "model.pt"):
+    for name in (CHECKPOINT_FILE, MODEL_FILE):
         payload = torch.load(data / "run" / name, map_location="cpu", weights_only=True)
         assert payload["versions"]["torch"] == str(torch.__version__)
         assert payload["iteration"] == 1
@@ -138,7 +139,7 @@ def test_a_checkpoint_of_an_older_version_still_loads(tmp_path):
 
 
 def test_a_damaged_model_file_is_named(tmp_path):
-    path = tmp_path / "model.pt"
+    path = tmp_path / MODEL_FILE
     path.write_bytes(b"\x80\x02" + b"garbage" * 10)
     with pytest.raises(DataError, match="not a readable checkpoint") as caught:
         load_checkpoint(path)

@@ -24,6 +24,7 @@ from SemiSupSegLib.backend.planning import (
     pools_per_axis,
 )
 from SemiSupSegLib.backend.preprocessing import normalize_intensity
+from SemiSupSegLib.output_layout import MODEL_FILE, PLAN_FILE
 
 CPU = device_budget(torch.device("cpu"))
 GPU_24GB = DeviceBudget("cuda", memory_bytes=24 * 2**30)
@@ -169,11 +170,11 @@ def test_train_writes_the_plan_and_predict_uses_it(hippocampus_dir, tmp_path):
     args += ["--out", str(tmp_path / "run"), "--events", str(events), "--quiet"]
     args += ["--spacing", "1.5,1.5,1.5"]
     assert main(args) == 0
-    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    plan = json.loads((tmp_path / "run" / PLAN_FILE).read_text())
     assert plan["overrides"] == {"target_spacing": [1.5, 1.5, 1.5], "iterations": 2}
     kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
     assert kinds.index("plan") < kinds.index("start")
-    state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "run" / MODEL_FILE, map_location="cpu", weights_only=False)
     assert list(state["preprocessing"]["target_spacing"]) == [1.5, 1.5, 1.5]
     assert (
         state["model"]["spec"]["options"]["strides"] == plan["values"]["network_options"]["strides"]
@@ -187,4 +188,4 @@ def test_train_writes_the_plan_and_predict_uses_it(hippocampus_dir, tmp_path):
         == sitk.ReadImage(str(image)).GetSize()
     )
     assert main(args[:-2] + ["--plan", "off", "--out", str(tmp_path / "preset")]) == 0
-    assert not (tmp_path / "preset" / "plan.json").exists()
+    assert not (tmp_path / "preset" / PLAN_FILE).exists()

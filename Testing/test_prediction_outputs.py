@@ -21,7 +21,18 @@ from SemiSupSegLib.backend.datasets import Case
 from SemiSupSegLib.backend.errors import CancelledError, DataError
 from SemiSupSegLib.backend.inference import Predictor, predict_cases
 from SemiSupSegLib.backend.metrics import evaluate_folders
+from SemiSupSegLib.output_layout import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    PREDICTION_MANIFEST_FILE,
+    SCORES_COLUMNS,
+    SCORES_FILE,
+    UNCERTAINTY_FOLDER,
+    label_file_name,
+    uncertainty_file_name,
+)
 from SemiSupSegLib.protocol import EXIT_FAILED, JobSpec, ProtocolError
+from SemiSupSegLib.results import readScores
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +58,7 @@ def _predict(trained, inputs, out, *extra):
 
 
 def _manifest(folder: Path) -> dict:
-    return json.loads((folder / "predictions.json").read_text())
+    return json.loads((folder / PREDICTION_MANIFEST_FILE).read_text())
 
 
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped-abs", "sub/escaped", "..", ".hidden"])
@@ -89,16 +100,41 @@ def test_a_rerun_replaces_the_folder_whole(trained, images, tmp_path):
     assert code == 0
     manifest = _manifest(out)
     assert manifest["status"] == "complete" and len(manifest["cases"]) == 3
-    assert manifest["model"]["file"] == str((trained / "run" / "model.pt").absolute())
+    assert manifest["model"]["file"] == str((trained / "run" / MODEL_FILE).absolute())
     assert manifest["model"]["iteration"] == 1 and manifest["time"]
 
     code, _ = _predict(trained, [images / "case1.nii.gz"], out)
     assert code == 0
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case1.nii.gz"]
-    assert sorted(p.name for p in (out / "uncertainty").iterdir()) == ["case1.nii.gz"]
+    assert sorted(p.name for p in (out / UNCERTAINTY_FOLDER).iterdir()) == ["case1.nii.gz"]
     assert [c["case"] for c in _manifest(out)["cases"]] == ["case1"]
-    assert len((out / "scores.csv").read_text().splitlines()) == 2
+    assert len((out / SCORES_FILE).read_text().splitlines()) == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pred")] == []
+
+
+def test_scores_written_by_predict_are_read_by_the_review_table(trained, images, tmp_path):
+    """``predict`` writes scores.csv and the Slicer module's review table reads it, both by
+    ``output_layout.ScoreRow``: every case with its score, voxel count and files."""
+    out = tmp_path / "pred"
+    assert _predict(trained, [images], out)[0] == 0
+    header = (out / SCORES_FILE).read_text().splitlines()[0]
+    assert tuple(header.split(",")) == SCORES_COLUMNS
+    listed = {c["case"]: c for c in _manifest(out)["cases"]}
+    rows = readScores(out / SCORES_FILE, roundNumber=3)
+    assert sorted(r.case for r in rows) == sorted(listed) == ["case0", "case1", "case2"]
+    assert [r.score for r in rows] == sorted((r.score for r in rows), reverse=True)
+    for row in rows:
+        name = label_file_name(row.case, row.image)
+        assert listed[row.case]["label"] == name
+        assert listed[row.case]["uncertainty"] == uncertainty_file_name(name)
+        assert (row.label, row.uncertainty) == (
+            str(out / name),
+            str(out / uncertainty_file_name(name)),
+        )
+        label = sitk.GetArrayFromImage(sitk.ReadImage(row.label))
+        assert row.foregroundVoxels == int((label > 0).sum())
+        assert Path(row.uncertainty).is_file() and row.image == str(images / name)
+        assert row.round == 3
 
 
 def test_a_folder_holding_other_files_is_not_replaced(trained, images, tmp_path):
@@ -137,7 +173,7 @@ def test_evaluate_refuses_a_partial_or_mixed_folder(trained, images, tmp_path):
 
     manifest = _manifest(out)
     manifest["status"] = "partial"
-    (out / "predictions.json").write_text(json.dumps(manifest))
+    (out / PREDICTION_MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="did not finish"):
         evaluate_folders(out, labels, tmp_path / "e")
     arguments = ["evaluate", "--pred", str(out), "--truth", str(labels), "--out", str(tmp_path)]
@@ -183,21 +219,21 @@ def test_prediction_files_follow_the_umask(trained, images, tmp_path):
         assert _predict(trained, [images / "case0.nii.gz"], tmp_path / "pred")[0] == 0
     finally:
         os.umask(previous)
-    for path in (tmp_path / "pred" / "case0.nii.gz", tmp_path / "pred" / "scores.csv"):
+    for path in (tmp_path / "pred" / "case0.nii.gz", tmp_path / "pred" / SCORES_FILE):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_an_unfinished_checkpoint_is_named_in_a_warning(trained, images, tmp_path):
     """A run folder without model.pt predicts from its checkpoint, saying which iteration."""
-    state = load_checkpoint(trained / "run" / "checkpoint.pt")
+    state = load_checkpoint(trained / "run" / CHECKPOINT_FILE)
     state["iteration"], state["config"]["iterations"] = 6, 1500
-    save_checkpoint(tmp_path / "stopped" / "checkpoint.pt", state)
+    save_checkpoint(tmp_path / "stopped" / CHECKPOINT_FILE, state)
     arguments = ["predict", "--run", tmp_path / "stopped", "--input", images / "case0.nii.gz",
                  "--out", tmp_path / "pred", "--device", "cpu"]  # fmt: skip
     code, events = run_cli(arguments, tmp_path / "events.jsonl")
     assert code == 0
     warnings = [e["message"] for e in events if e["event"] == "warning"]
-    assert any("iteration 6 of 1500" in w and "checkpoint.pt" in w for w in warnings), warnings
+    assert any("iteration 6 of 1500" in w and CHECKPOINT_FILE in w for w in warnings), warnings
     assert _manifest(tmp_path / "pred")["model"]["iteration"] == 6
 
 

@@ -111,7 +111,19 @@ def test_events_round_trip_and_reject_garbage():
         ("case.NRRD", "case"),
         ("x/y/scan.mha", "scan"),
         ("dicom/series_7/", "series_7"),
+        ("imagesTs/la_003_0000.nii.gz", "la_003"),  # nnU-Net's channel suffix
+        ("case_0001.nii.gz", "case_0001"),  # a second channel is not stripped (datasets refuses it)
     ],
 )
 def test_case_names(path, name):
     assert case_name_from_path(path) == name
+
+
+def test_a_job_names_unnamed_cases_as_train_and_predict_do():
+    """An nnU-Net image case_0000.nii.gz is case "case" in a job too, so its pseudo-mask is
+    case.nii.gz as with ``predict`` and it matches the label case.nii.gz in ``evaluate``."""
+    job = valid_job()
+    job["labeled"] = [{"image": "imagesTr/la_003_0000.nii.gz", "label": "labelsTr/la_003.nii.gz"}]
+    job["unlabeled"] = ["imagesTs/la_100_0000.nii.gz"]
+    spec = JobSpec.from_dict(job)
+    assert [c.name for c in spec.labeled + spec.unlabeled] == ["la_003", "la_100"]

@@ -15,6 +15,7 @@ from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import from_folders, infer_classes
 from SemiSupSegLib.backend.errors import CancelledError
 from SemiSupSegLib.backend.training import train
+from SemiSupSegLib.output_layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def _stopped(dataset, config, run, at):
     stop = StopFlag()
     with pytest.raises(CancelledError):
         train(dataset, config, run, StopAt(stop, at), stop)
-    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == at
+    assert load_checkpoint(run / CHECKPOINT_FILE)["iteration"] == at
 
 
 @pytest.mark.parametrize("method", ["supervised", "mn"])
@@ -43,8 +44,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path, method):
     train(dataset, config, tmp_path / "whole")
     _stopped(dataset, config, tmp_path / "parts", at=4)
     train(dataset, config, tmp_path / "parts", resume=True)
-    whole = load_checkpoint(tmp_path / "whole" / "model.pt")["model"]["state_dict"]
-    parts = load_checkpoint(tmp_path / "parts" / "model.pt")["model"]["state_dict"]
+    whole = load_checkpoint(tmp_path / "whole" / MODEL_FILE)["model"]["state_dict"]
+    parts = load_checkpoint(tmp_path / "parts" / MODEL_FILE)["model"]["state_dict"]
     assert whole.keys() == parts.keys()
     different = [k for k in whole if not torch.equal(whole[k], parts[k])]
     assert not different, different
@@ -61,9 +62,9 @@ def test_resume_keeps_the_stored_budget(dataset, tmp_path):
     code, events = run_cli(arguments, tmp_path / "events.jsonl")
     assert code == 0, events[-1]["message"]
     assert next(e for e in events if e["event"] == "start")["total"] == 5
-    assert load_checkpoint(run / "model.pt")["iteration"] == 5
-    assert json.loads((run / "config.json").read_text())["iterations"] == 5
+    assert load_checkpoint(run / MODEL_FILE)["iteration"] == 5
+    assert json.loads((run / CONFIG_FILE).read_text())["iterations"] == 5
 
     code, events = run_cli(arguments + ["--iterations", 7], tmp_path / "events.jsonl")
     assert code == 0, events[-1]["message"]
-    assert load_checkpoint(run / "model.pt")["iteration"] == 7
+    assert load_checkpoint(run / MODEL_FILE)["iteration"] == 7

@@ -17,6 +17,7 @@ from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import from_folders, infer_classes
 from SemiSupSegLib.backend.errors import CancelledError
 from SemiSupSegLib.backend.training import train
+from SemiSupSegLib.output_layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE
 from SemiSupSegLib.protocol import EXIT_FAILED
 
 HOLD_LOCK = """
@@ -83,11 +84,11 @@ def test_config_json_does_not_follow_a_symlink(data):
     run.mkdir()
     outside = data / "outside.json"
     outside.write_text("keep")
-    os.symlink(outside, run / "config.json")
+    os.symlink(outside, run / CONFIG_FILE)
     assert _train(data, run)[0] == 0
     assert outside.read_text() == "keep"
-    assert not (run / "config.json").is_symlink()
-    assert json.loads((run / "config.json").read_text())["iterations"] == 2
+    assert not (run / CONFIG_FILE).is_symlink()
+    assert json.loads((run / CONFIG_FILE).read_text())["iterations"] == 2
 
 
 def test_a_new_run_never_sits_beside_the_previous_model(data):
@@ -104,17 +105,17 @@ def test_a_new_run_never_sits_beside_the_previous_model(data):
     stop = StopFlag()
     with pytest.raises(CancelledError):
         train(dataset, config, run, StopAt(stop, 1), stop)
-    assert not (run / "model.pt").exists()
-    assert json.loads((run / "config.json").read_text())["seed"] == 2
-    assert load_checkpoint(run / "checkpoint.pt")["config"]["seed"] == 2
+    assert not (run / MODEL_FILE).exists()
+    assert json.loads((run / CONFIG_FILE).read_text())["seed"] == 2
+    assert load_checkpoint(run / CHECKPOINT_FILE)["config"]["seed"] == 2
 
 
 def test_init_from_inside_the_run_folder_is_refused(data):
     run = data / "run"
     assert _train(data, run)[0] == 0
-    code, events = _train(data, run, "--init-from", run / "model.pt")
+    code, events = _train(data, run, "--init-from", run / MODEL_FILE)
     assert code == EXIT_FAILED and "inside the run folder" in events[-1]["message"]
-    assert load_checkpoint(run / "model.pt")["iteration"] == 2
+    assert load_checkpoint(run / MODEL_FILE)["iteration"] == 2
 
 
 def test_a_diverging_training_stops_with_a_clear_error(data):
@@ -124,4 +125,4 @@ def test_a_diverging_training_stops_with_a_clear_error(data):
     assert code == EXIT_FAILED
     message = events[-1]["message"]
     assert "diverged" in message and "learning_rate" in message
-    assert not (data / "run" / "model.pt").exists()
+    assert not (data / "run" / MODEL_FILE).exists()

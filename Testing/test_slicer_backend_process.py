@@ -19,6 +19,7 @@ from SemiSupSegLib.backend_process import (
     moduleSearchPath,
 )
 from SemiSupSegLib.job_runner import JobRunner
+from SemiSupSegLib.output_layout import MODEL_FILE, RUN_FOLDER
 from SemiSupSegLib.protocol import JobSpec, LabeledCase, UnlabeledCase
 from slicer_side_helpers import TINY_SETTINGS, hippocampusCase
 
@@ -420,4 +421,4 @@ def test_cancel_ends_the_whole_backend_tree(tmp_path):
         while not gone(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert gone(pid), f"process {pid} of the backend tree is still running"
-    assert not (tmp_path / "out" / "run" / "model.pt").exists()
+    assert not (tmp_path / "out" / RUN_FOLDER / MODEL_FILE).exists()

@@ -23,6 +23,7 @@ import pytest
 
 from SemiSupSegLib import mrml_io
 from SemiSupSegLib.dependencies import PROBE_MARKER, ProbeResult
+from SemiSupSegLib.output_layout import MODEL_FILE
 from SemiSupSegLib.progress import ProgressModel
 from SemiSupSegLib.protocol import encode_event, make_event
 from slicer_side_helpers import (
@@ -177,7 +178,7 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path, monkeypatc
     assert logic.acceptedCases(p) == [("hc004", accepted.label, "round 1 (v1)")]
     retrain = logic.exportRetrainJob(p)
     assert retrain.parent.name == "round-002"
-    assert json.loads(retrain.read_text())["init_from"].endswith("model.pt")
+    assert json.loads(retrain.read_text())["init_from"].endswith(MODEL_FILE)
     p.fastRetrain = False  # the Fast check box
     scratch = json.loads(logic.exportRetrainJob(p).read_text())
     assert scratch["init_from"] is None

@@ -6,6 +6,15 @@ import csv
 import pytest
 
 from SemiSupSegLib.job_export import ClassTable
+from SemiSupSegLib.output_layout import (
+    MODEL_FILE,
+    PREDICTIONS_FOLDER,
+    RUN_FOLDER,
+    SCORES_COLUMNS,
+    SCORES_FILE,
+    UNCERTAINTY_FOLDER,
+    uncertainty_file_name,
+)
 from SemiSupSegLib.protocol import JobSpec, LabeledCase, UnlabeledCase
 from SemiSupSegLib.results import (
     STATUS_ACCEPTED,
@@ -15,23 +24,21 @@ from SemiSupSegLib.results import (
     reserveVersionPath,
 )
 
-COLUMNS = ["case", "score", "foreground_voxels", "label", "uncertainty", "image"]
-
 
 def write_scores(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
+        writer.writerow(SCORES_COLUMNS)
         writer.writerows(rows)
 
 
 def test_read_scores_sorted_most_uncertain_first(tmp_path):
-    scores = tmp_path / "predictions" / "scores.csv"
+    scores = tmp_path / PREDICTIONS_FOLDER / SCORES_FILE
     write_scores(
         scores,
         [
-            ["low", "0.1", "10", "low.nrrd", "uncertainty/low.nrrd", "/data/low.nrrd"],
+            ["low", "0.1", "10", "low.nrrd", uncertainty_file_name("low.nrrd"), "/data/low.nrrd"],
             ["high", "0.9", "0", "/abs/high.nrrd", "/abs/u/high.nrrd", "/data/high.nrrd"],
         ],
     )
@@ -39,12 +46,12 @@ def test_read_scores_sorted_most_uncertain_first(tmp_path):
     assert [r.case for r in rows] == ["high", "low"]
     assert rows[0].label == "/abs/high.nrrd"
     assert rows[1].label == str((scores.parent / "low.nrrd").resolve())
-    assert rows[1].uncertainty == str((scores.parent / "uncertainty" / "low.nrrd").resolve())
+    assert rows[1].uncertainty == str((scores.parent / UNCERTAINTY_FOLDER / "low.nrrd").resolve())
     assert (rows[0].round, rows[0].foregroundVoxels, rows[0].status) == (2, 0, "to review")
 
 
 def test_bad_scores_files_are_reported(tmp_path):
-    bad = tmp_path / "scores.csv"
+    bad = tmp_path / SCORES_FILE
     bad.write_text("case,score\na,1\n")
     with pytest.raises(ResultsError, match="missing column"):
         readScores(bad)
@@ -86,22 +93,22 @@ def test_session_rounds_accept_and_retrain_inputs(tmp_path):
     assert (number, folder.name) == (1, "round-001")
     assert session.reviewRows() == []  # not finished yet
     write_scores(
-        folder / "predictions" / "scores.csv",
+        folder / PREDICTIONS_FOLDER / SCORES_FILE,
         [
             [
                 n,
                 s,
                 "5",
-                str(folder / f"predictions/{n}.nrrd"),
+                str(folder / PREDICTIONS_FOLDER / f"{n}.nrrd"),
                 "u",
                 str(folder / f"inputs/unlabeled/{n}.nrrd"),
             ]
             for n, s in (("u1", "0.2"), ("u2", "0.7"), ("u3", "0.5"))
         ],
     )
-    (folder / "run").mkdir()
-    (folder / "run" / "model.pt").write_bytes(b"model")
-    session.finishRound(number, "finished", {"model": str(folder / "run" / "model.pt")})
+    (folder / RUN_FOLDER).mkdir()
+    (folder / RUN_FOLDER / MODEL_FILE).write_bytes(b"model")
+    session.finishRound(number, "finished", {"model": str(folder / RUN_FOLDER / MODEL_FILE)})
 
     rows = session.reviewRows()
     assert [r.case for r in rows] == ["u2", "u3", "u1"]
@@ -119,7 +126,7 @@ def test_session_rounds_accept_and_retrain_inputs(tmp_path):
     assert [(c.name, c.label) for c in labeled] == [("u2", str(path))]
     assert [c.name for c in unlabeled] == ["u1", "u3"]
     assert unlabeled[0].image == str((folder / "inputs/unlabeled/u1.nrrd").resolve())
-    assert init_from == str(folder / "run" / "model.pt")
+    assert init_from == str(folder / RUN_FOLDER / MODEL_FILE)
     assert reloaded.classes.names == ["A"]
 
     number2, folder2 = reloaded.newRound()

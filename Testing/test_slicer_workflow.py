@@ -11,6 +11,7 @@ import pytest
 
 from SemiSupSegLib import mrml_io
 from SemiSupSegLib.job_export import ExportCancelled, LabeledPair
+from SemiSupSegLib.output_layout import MODEL_FILE, RUN_FOLDER
 from SemiSupSegLib.protocol import JobSpec
 from SemiSupSegLib.scene_import import ROLE_PSEUDO_MASK, findCaseNode
 from SemiSupSegLib.training_options import TrainingOptions
@@ -102,7 +103,7 @@ def test_a_whole_round_with_the_real_backend(tmp_path):
 
     retrain_path = workflow.exportRetrainJob(pairs, OPTIONS)
     retrain = JobSpec.load(retrain_path)
-    assert retrain.init_from == str(tmp_path / "session" / "round-001" / "run" / "model.pt")
+    assert retrain.init_from == str(tmp_path / "session" / "round-001" / RUN_FOLDER / MODEL_FILE)
     assert [c.name for c in retrain.labeled] == ["case001", "case003", "case004"]
     assert retrain.labeled[2].label == second.label
     assert retrain.unlabeled == []

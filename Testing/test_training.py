@@ -29,6 +29,7 @@ from SemiSupSegLib.backend.training import (
     shrink_towards,
     train,
 )
+from SemiSupSegLib.output_layout import CHECKPOINT_FILE, MODEL_FILE, SCORES_FILE, UNCERTAINTY_FOLDER
 from SemiSupSegLib.protocol import EXIT_CANCELLED, parse_event
 
 ITERATIONS = 160
@@ -103,18 +104,18 @@ def test_prediction_keeps_the_input_geometry(trained_run, hippocampus, tmp_path)
         predictor.preprocessing["target_spacing"] = target
         out = tmp_path / f"out-{target}"
         rows = predict_cases(predictor, [_case("tilted", source)], out)
-        for path in (out / "tilted.nrrd", out / "uncertainty" / "tilted.nrrd"):
+        for path in (out / "tilted.nrrd", out / UNCERTAINTY_FOLDER / "tilted.nrrd"):
             result = sitk.ReadImage(str(path))
             assert result.GetSize() == image.GetSize()
             np.testing.assert_allclose(result.GetSpacing(), image.GetSpacing(), atol=1e-6)
             np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-6)
             np.testing.assert_allclose(result.GetDirection(), image.GetDirection(), atol=1e-6)
         uncertainty = sitk.GetArrayFromImage(
-            sitk.ReadImage(str(out / "uncertainty" / "tilted.nrrd"))
+            sitk.ReadImage(str(out / UNCERTAINTY_FOLDER / "tilted.nrrd"))
         )
         assert uncertainty.min() >= 0 and uncertainty.max() <= math.log(3) + 1e-5
-        assert rows[0]["case"] == "tilted" and rows[0]["score"] > 0
-        assert (out / "scores.csv").read_text().startswith("case,score")
+        assert rows[0].case == "tilted" and rows[0].score > 0
+        assert (out / SCORES_FILE).read_text().startswith("case,score")
 
 
 def _case(name, path):
@@ -150,9 +151,9 @@ def test_cancel_then_resume_continues(hippocampus, hippocampus_dir, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    stopped_at = load_checkpoint(run / "checkpoint.pt")["iteration"]
+    stopped_at = load_checkpoint(run / CHECKPOINT_FILE)["iteration"]
     assert 2 <= stopped_at < total
-    assert not (run / "model.pt").exists()
+    assert not (run / MODEL_FILE).exists()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     events = [parse_event(line) for line in events_path.read_text().splitlines()]
     assert events[-1]["event"] == "cancelled"
@@ -164,7 +165,7 @@ def test_cancel_then_resume_continues(hippocampus, hippocampus_dir, tmp_path):
         timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == total
+    assert load_checkpoint(run / CHECKPOINT_FILE)["iteration"] == total
     events = [parse_event(line) for line in events_path.read_text().splitlines()]
     after = events[events.index(next(e for e in events if e["event"] == "cancelled")) + 1 :]
     progress = [e["iteration"] for e in after if e["event"] == "progress"]
@@ -267,10 +268,10 @@ def test_warm_start_names_the_new_cases(trained_run, hippocampus, tmp_path):
     (also from cases.json, for a model file without the list)."""
     run, _ = trained_run
     full, train_cases, _ = hippocampus
-    model = load_checkpoint(run / "model.pt")
+    model = load_checkpoint(run / MODEL_FILE)
     assert model["labeled_cases"] == [c.name for c in train_cases[:8]]
     del model["labeled_cases"]
-    assert previous_labeled(model, run / "model.pt") == [c.name for c in train_cases[:8]]
+    assert previous_labeled(model, run / MODEL_FILE) == [c.name for c in train_cases[:8]]
 
     events_path = tmp_path / "events.jsonl"
     sink = EventSink(str(events_path), quiet=True)

@@ -16,6 +16,7 @@ from SemiSupSegLib.backend.errors import CancelledError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.training import train
 from SemiSupSegLib.backend.training_callbacks import TrainingCallback
+from SemiSupSegLib.output_layout import MODEL_FILE
 
 CLASSES = {0: "background", 1: "upper", 2: "lower"}
 
@@ -54,7 +55,7 @@ def test_a_callback_sees_every_phase_in_order_and_the_model_exists_at_the_end(ti
 
     class Recording(Recorder):
         def on_end(self, method):
-            seen_model.append((run / "model.pt").exists())
+            seen_model.append((run / MODEL_FILE).exists())
             super().on_end(method)
 
     recorder = Recording()

@@ -44,6 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SemiSupSeg"))
 
 from SemiSupSegLib.backend.splits import Split, benchmark_split  # noqa: E402
+from SemiSupSegLib.output_layout import (  # noqa: E402
+    CHECKPOINT_FILE,
+    EVALUATION_FOLDER,
+    METRICS_FILE,
+    MODEL_FILE,
+    PLAN_FILE,
+    PREDICTIONS_FOLDER,
+    RUN_FOLDER,
+    SUMMARY_FILE,
+)
 
 DATASETS = {
     "hippocampus": {
@@ -142,13 +152,15 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     # (checkpoint, no final model) resumes; anything else starts afresh.
     earlier, peak_file = work / "train_seconds.txt", work / "train_peak_mib.txt"
     earlier_cpu = work / "train_cpu_seconds.txt"
-    model = work / "run" / "model.pt"
+    run, predictions = work / RUN_FOLDER, work / PREDICTIONS_FOLDER
+    evaluation = work / EVALUATION_FOLDER
+    model = run / MODEL_FILE
     if model.exists() and earlier.exists():
         train_seconds = float(earlier.read_text())
         peak_mib = float(peak_file.read_text()) if peak_file.exists() else None
         cpu_seconds = float(earlier_cpu.read_text()) if earlier_cpu.exists() else None
     else:
-        resume = (work / "run" / "checkpoint.pt").exists() and not model.exists()
+        resume = (run / CHECKPOINT_FILE).exists() and not model.exists()
         if not resume:
             for stale in (events, earlier, peak_file, earlier_cpu):
                 if stale.exists():
@@ -157,11 +169,11 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
             "train", "--data", str(args.data), "--labeled", str(work / "labeled.txt"),
             "--exclude", str(work / "test.txt"), "--method", method, "--network", args.network,
             "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
-            "--out", str(work / "run"), "--events", str(events), "--quiet",
+            "--out", str(run), "--events", str(events), "--quiet",
         ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
         train += ["--plan", args.plan]
         if args.init_from and not resume:
-            train += ["--init-from", str(Path(args.work) / args.init_from / "run")]
+            train += ["--init-from", str(Path(args.work) / args.init_from / RUN_FOLDER)]
         status, seconds, peak_mib, cpu_seconds = run_command(train, log, args.threads)
         train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
         earlier.write_text(str(train_seconds))
@@ -175,18 +187,18 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
                 model.unlink()  # not a finished training: the next run resumes the checkpoint
             raise SystemExit(f"training failed ({status}); see {log}; run again to resume")
     images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in scored]
-    predict = cli + ["predict", "--run", str(work / "run"), "--input", *images,
-                     "--out", str(work / "predictions"), "--device", args.device, "--quiet"]  # fmt: skip
+    predict = cli + ["predict", "--run", str(run), "--input", *images,
+                     "--out", str(predictions), "--device", args.device, "--quiet"]  # fmt: skip
     status, predict_seconds, _, _ = run_command(predict, log, args.threads)
     if status != 0:
         raise SystemExit(f"prediction failed ({status}); see {log}")
-    evaluate = cli + ["evaluate", "--pred", str(work / "predictions"), "--truth", str(args.data),
-                      "--out", str(work / "evaluation")]  # fmt: skip
+    evaluate = cli + ["evaluate", "--pred", str(predictions), "--truth", str(args.data),
+                      "--out", str(evaluation)]  # fmt: skip
     status, _, _, _ = run_command(evaluate, log, args.threads)
     if status != 0:
         raise SystemExit(f"evaluation failed ({status}); see {log}")
-    summary = json.loads((work / "evaluation" / "summary.json").read_text())
-    plan_file = work / "run" / "plan.json"
+    summary = json.loads((evaluation / SUMMARY_FILE).read_text())
+    plan_file = run / PLAN_FILE
     return {
         "key": key,
         "dataset": args.dataset,
@@ -208,7 +220,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "iterations_per_second": training_rate(events),
         "peak_memory_mib": round(peak_mib) if peak_mib is not None else None,
         "summary": summary,
-        "case_dice": case_dice(work / "evaluation" / "metrics.csv"),
+        "case_dice": case_dice(evaluation / METRICS_FILE),
         "date": time.strftime("%Y-%m-%d"),
         "command": shlex.join([sys.executable, "scripts/benchmark.py"] + sys.argv[1:]),
     }
@@ -216,7 +228,7 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
 
 def case_dice(metrics_csv: Path) -> dict:
     """Mean foreground Dice per case from an evaluation's metrics.csv, for paired comparisons."""
-    from SemiSupSegLib.backend.method_comparison import case_mean_dice
+    from SemiSupSegLib.backend.metrics import case_mean_dice
 
     return case_mean_dice(metrics_csv)
 
@@ -844,7 +856,7 @@ def main() -> None:
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for r in results:  # results from before per-case Dice was kept, where the run is still here
-        metrics = Path(args.work) / r["key"] / "evaluation" / "metrics.csv"
+        metrics = Path(args.work) / r["key"] / EVALUATION_FOLDER / METRICS_FILE
         if "case_dice" not in r and metrics.exists():
             r["case_dice"] = case_dice(metrics)
             results = save_result(r)

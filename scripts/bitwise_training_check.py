@@ -23,11 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
 
 from backend_helpers import write_tiny_dataset  # noqa: E402
-from SemiSupSegLib.backend.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
+from SemiSupSegLib.backend.checkpoint import load_checkpoint  # noqa: E402
 from SemiSupSegLib.backend.config import TrainConfig  # noqa: E402
 from SemiSupSegLib.backend.datasets import from_folders  # noqa: E402
 from SemiSupSegLib.backend.events import EventSink  # noqa: E402
 from SemiSupSegLib.backend.training import train  # noqa: E402
+
+try:
+    from SemiSupSegLib.output_layout import CHECKPOINT_FILE
+except ImportError:  # a tree from before output_layout: this script compares old with new
+    from SemiSupSegLib.backend.checkpoint import CHECKPOINT_NAME as CHECKPOINT_FILE
 
 CLASSES = {0: "background", 1: "upper", 2: "lower"}
 
@@ -99,7 +104,7 @@ def run(name: str, folder: Path) -> str:
         folder / "images", folder / "labels", unlabeled=folder / "unlabeled", classes=CLASSES
     )
     train(dataset, config, folder / f"run-{name}", EventSink(quiet=True))
-    state = load_checkpoint(folder / f"run-{name}" / CHECKPOINT_NAME)
+    state = load_checkpoint(folder / f"run-{name}" / CHECKPOINT_FILE)
     hasher = hashlib.sha256()
     digest({k: state[k] for k in ("method_state", "model", "weight_average")}, hasher)
     return hasher.hexdigest()

@@ -55,6 +55,15 @@ import SimpleITK as sitk  # noqa: E402
 from SemiSupSegLib.backend.checkpoint import load_checkpoint  # noqa: E402
 from SemiSupSegLib.backend.errors import DataError  # noqa: E402
 from SemiSupSegLib.backend.prediction_manifest import check_complete  # noqa: E402
+from SemiSupSegLib.output_layout import (  # noqa: E402
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    RUN_FOLDER,
+    SCORES_FILE,
+    ScoreRow,
+    read_table,
+)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
 CLI = [sys.executable, "-m", "SemiSupSegLib.backend"]
@@ -161,7 +170,7 @@ def _train_command(
 
 
 def _train_trials(images, labels, folder, kills, rng, env) -> List[dict]:
-    run = folder / "run"
+    run = folder / RUN_FOLDER
     duration = _run(_train_command(images, labels, folder / "timing", 0, 12), env)
     rows = []
     for trial in range(kills):
@@ -186,7 +195,7 @@ def _row(command, trial, after, killed, code, state, detail, folder) -> dict:
 
 
 def _has_checkpoint(run: Path) -> bool:
-    return (run / "checkpoint.pt").exists()
+    return (run / CHECKPOINT_FILE).exists()
 
 
 def _train_state(run: Path) -> Tuple[str, str]:
@@ -194,9 +203,9 @@ def _train_state(run: Path) -> Tuple[str, str]:
     if not run.exists():
         return "partial", "no run folder yet"
     try:
-        config = _json(run / "config.json")
-        model = _checkpoint(run / "model.pt")
-        checkpoint = _checkpoint(run / "checkpoint.pt")
+        config = _json(run / CONFIG_FILE)
+        model = _checkpoint(run / MODEL_FILE)
+        checkpoint = _checkpoint(run / CHECKPOINT_FILE)
     except (DataError, ValueError) as error:
         return "MIXED", f"unreadable file: {error}"
     if model is not None:
@@ -244,7 +253,7 @@ def _predict_trials(images, labels, inputs, folder, kills, rng, env) -> List[dic
     models = {}
     for name, seed in (("A", 1), ("B", 2)):
         models[name] = folder / f"model-{name}"
-        if not (models[name] / "model.pt").exists():
+        if not (models[name] / MODEL_FILE).exists():
             _run(_train_command(images, labels, models[name], seed, 6), env)
     references = {}
     for name, model in models.items():
@@ -280,7 +289,7 @@ def _predict_state(out: Path, models: Dict[str, Path], references: Dict[str, Pat
         return "MIXED", str(error)
     if manifest is None:
         return "MIXED", "files without predictions.json"
-    by_file = {str((m / "model.pt").absolute()): n for n, m in models.items()}
+    by_file = {str((m / MODEL_FILE).absolute()): n for n, m in models.items()}
     name = by_file.get(manifest["model"]["file"])
     if name is None:
         return "MIXED", f"unknown model {manifest['model']['file']}"
@@ -290,10 +299,8 @@ def _predict_state(out: Path, models: Dict[str, Path], references: Dict[str, Pat
             reference = references[name] / case[key]
             if not np.array_equal(ours, sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))):
                 return "MIXED", f"{case[key]} is not model {name}'s"
-    scores = (out / "scores.csv").read_text().splitlines()[1:]
-    if sorted(line.split(",")[0] for line in scores) != sorted(
-        c["case"] for c in manifest["cases"]
-    ):
+    scores = read_table(out / SCORES_FILE, ScoreRow)
+    if sorted(row.case for row in scores) != sorted(c["case"] for c in manifest["cases"]):
         return "MIXED", "scores.csv lists other cases"
     return "complete", f"model {name}, {len(manifest['cases'])} cases, every map model {name}'s"
 

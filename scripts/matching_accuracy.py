@@ -38,6 +38,7 @@ from SemiSupSegLib.backend.methods.embedding_matching import (  # noqa: E402
 )
 from SemiSupSegLib.backend.preprocessing import xyz_to_zyx  # noqa: E402
 from SemiSupSegLib.backend.uncertainty import mc_softmax, uncertainty_from_passes  # noqa: E402
+from SemiSupSegLib.output_layout import RUN_FOLDER  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
 REDUCTIONS = ("teacher", "mean", "max", "top5")
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     run, data = Path(args.run), Path(args.data)
-    predictor = Predictor.from_run(run / "run", device="cpu")
+    predictor = Predictor.from_run(run / RUN_FOLDER, device="cpu")
     network = predictor.network.eval()
     num_classes = int(network.spec["num_classes"])
     rng = np.random.default_rng(args.seed)

@@ -42,6 +42,7 @@ from SemiSupSegLib.backend.events import EventSink  # noqa: E402
 from SemiSupSegLib.backend.planning import plan_training  # noqa: E402
 from SemiSupSegLib.backend.preprocessing import xyz_to_zyx  # noqa: E402
 from SemiSupSegLib.backend.training import train  # noqa: E402
+from SemiSupSegLib.output_layout import RUN_FOLDER  # noqa: E402
 
 
 def mean_dice(network: torch.nn.Module, volumes: list, patch_zyx: tuple, classes: int) -> float:
@@ -114,7 +115,7 @@ def main() -> None:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    train(dataset, config, args.out / "run", events, callbacks=[watch])
+    train(dataset, config, args.out / RUN_FOLDER, events, callbacks=[watch])
     plot(log, args.out / "diagnostics.png")
 
 

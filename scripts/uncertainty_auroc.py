@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SemiSupSeg"))
 
 from SemiSupSegLib.backend.inference import Predictor  # noqa: E402
+from SemiSupSegLib.output_layout import RUN_FOLDER  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
 
@@ -61,7 +62,7 @@ def main() -> None:
 
     work = Path(args.run)
     names = [n for n in (work / "test.txt").read_text().split() if n]
-    predictor = Predictor.from_run(work / "run", device=args.device)
+    predictor = Predictor.from_run(work / RUN_FOLDER, device=args.device)
     print(f"model dropout: {predictor.network.spec.get('dropout')}", flush=True)
     results = {}
     for samples in sorted({1, args.mc_samples}):

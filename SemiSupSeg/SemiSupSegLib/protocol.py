@@ -3,7 +3,8 @@
 The Slicer side writes a job (``job.json``) into a job folder and starts the backend with
 ``semisupseg run job.json --events -``. The backend answers with one JSON object per line
 (events). Both sides import only this module, which uses the standard library alone, so
-that a remote runner can carry the same job folder and event stream later.
+that a remote runner can carry the same job folder and event stream later. The names of the
+files the backend writes, and the columns of its tables, are in ``output_layout`` beside it.
 """
 
 from __future__ import annotations
@@ -359,16 +360,22 @@ def _classes(value: Any) -> Dict[str, str]:
 
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: nnU-Net's suffix for the first (only supported) channel of an image file: ``case_0000.nii.gz``.
+CHANNEL_SUFFIX = "_0000"
 
 
 def case_name_from_path(path: str) -> str:
-    """A case's name: the file name without its image extension (a DICOM folder: its name)."""
+    """A case's name: the file name without its image extension and without nnU-Net's
+    ``_0000`` channel suffix (a DICOM folder: its name). Train, predict, evaluate and jobs all
+    name cases by this rule, so an image ``case_0000.nii.gz`` and a label ``case.nii.gz`` are
+    one case everywhere."""
     name = Path(path.rstrip("/\\")).name
     lower = name.lower()
     for suffix in IMAGE_SUFFIXES:
         if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+            name = name[: -len(suffix)]
+            break
+    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
 
 
 # ---------------------------------------------------------------- events

@@ -5,7 +5,6 @@ Everything is kept in ``<output folder>/semisupseg-session.json`` next to the ro
 (``round-001/``, ``round-002/``...), so a session survives a Slicer restart. Plain Python.
 """
 
-import csv
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -13,10 +12,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from SemiSupSegLib.job_export import ClassTable
-from SemiSupSegLib.protocol import JobSpec, LabeledCase, UnlabeledCase
+from SemiSupSegLib.output_layout import (
+    MODEL_FILE,
+    PREDICTIONS_FOLDER,
+    RUN_FOLDER,
+    SCORES_FILE,
+    ScoreRow,
+    read_table,
+)
+from SemiSupSegLib.protocol import JobSpec, LabeledCase, ProtocolError, UnlabeledCase
 
 SESSION_FILE = "semisupseg-session.json"
-SCORES_COLUMNS = ("case", "score", "foreground_voxels", "label", "uncertainty", "image")
 LABELS_FOLDER = "labels"
 SESSION_VERSION = 1
 
@@ -55,34 +61,25 @@ class ReviewRow:
 
 
 def readScores(path, roundNumber: int = 0) -> List[ReviewRow]:
-    """Rows of a backend ``scores.csv``, most uncertain first."""
+    """Rows of a backend ``scores.csv`` (``output_layout.ScoreRow``), most uncertain first;
+    relative paths are taken relative to the file's folder."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in SCORES_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ResultsError(f"{path}: missing column(s) {missing}")
-            rows = []
-            for line, record in enumerate(reader, start=2):
-                try:
-                    score = float(record["score"])
-                    voxels = int(float(record["foreground_voxels"] or 0))
-                except ValueError:
-                    raise ResultsError(f"{path}, line {line}: score is not a number") from None
-                rows.append(
-                    ReviewRow(
-                        case=record["case"],
-                        score=score,
-                        foregroundVoxels=voxels,
-                        label=_absolute(record["label"], path.parent),
-                        uncertainty=_absolute(record["uncertainty"], path.parent),
-                        image=_absolute(record["image"], path.parent),
-                        round=roundNumber,
-                    )
-                )
-    except OSError as err:
-        raise ResultsError(f"{path}: cannot read the scores ({err.strerror})") from None
+        scores = read_table(path, ScoreRow)
+    except ProtocolError as err:
+        raise ResultsError(str(err)) from None
+    rows = [
+        ReviewRow(
+            case=score.case,
+            score=score.score,
+            foregroundVoxels=score.foreground_voxels,
+            label=_absolute(score.label, path.parent),
+            uncertainty=_absolute(score.uncertainty, path.parent),
+            image=_absolute(score.image, path.parent),
+            round=roundNumber,
+        )
+        for score in scores
+    ]
     rows.sort(key=lambda r: -r.score)
     return rows
 
@@ -230,10 +227,10 @@ class Session:
         return finished[-1] if finished else None
 
     def modelOf(self, number: int) -> Path:
-        return self.roundFolder(number) / "run" / "model.pt"
+        return self.roundFolder(number) / RUN_FOLDER / MODEL_FILE
 
     def scoresOf(self, number: int) -> Path:
-        return self.roundFolder(number) / "predictions" / "scores.csv"
+        return self.roundFolder(number) / PREDICTIONS_FOLDER / SCORES_FILE
 
     # -------------------------------------------------------------------- review
 

@@ -20,11 +20,10 @@ import torch
 
 from SemiSupSegLib.backend.atomic_files import temporary_name
 from SemiSupSegLib.backend.errors import DataError
+from SemiSupSegLib.output_layout import CHECKPOINT_FILE, MODEL_FILE
 
 FORMAT = "semisupseg-checkpoint"
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
-MODEL_NAME = "model.pt"
 
 
 def library_versions() -> Dict[str, str]:
@@ -72,10 +71,10 @@ def model_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
-    for name in (MODEL_NAME, CHECKPOINT_NAME):
+    for name in (MODEL_FILE, CHECKPOINT_FILE):
         if (path / name).exists():
             return path / name
-    raise DataError(path, f"no {MODEL_NAME} or {CHECKPOINT_NAME} in this run folder")
+    raise DataError(path, f"no {MODEL_FILE} or {CHECKPOINT_FILE} in this run folder")
 
 
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:

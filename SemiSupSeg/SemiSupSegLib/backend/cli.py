@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train each method on your labeled cases minus a few held out (and your "
         "unlabeled images), score them on the held-out cases, and recommend one: a "
         "semi-supervised method only when it beats supervised training on average and on most "
-        "held-out cases. Writes OUT/<method>/run, OUT/<method>/validation and "
+        "held-out cases. Writes OUT/<method>/run, OUT/<method>/predictions (of the held-out cases) and "
         "OUT/comparison.json.",
     )
     compare.add_argument(

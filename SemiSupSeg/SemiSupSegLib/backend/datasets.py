@@ -12,16 +12,14 @@ import difflib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from SemiSupSegLib.backend.errors import DataError
-from SemiSupSegLib.protocol import IMAGE_SUFFIXES, case_name_from_path
+from SemiSupSegLib.protocol import CHANNEL_SUFFIX, IMAGE_SUFFIXES, case_name_from_path
 
 PathLike = Union[str, Path]
 
 MANIFEST_NAME = "dataset.json"
-#: nnU-Net's suffix for the first (only supported) channel of an image file.
-CHANNEL_SUFFIX = "_0000"
 _UNLABELED_FOLDERS = ("imagesUnlabeled", "imagesTs")
 _IGNORED_FOLDERS = ("__MACOSX",)
 
@@ -68,20 +66,26 @@ def load_dataset(path: PathLike) -> Dataset:
         raise DataError(path, "dataset file or folder does not exist")
     if path.is_file():
         return _load_manifest(path)
+    if not is_dataset_folder(path):
+        raise DataError(
+            path,
+            f"not a dataset: expected a {MANIFEST_NAME} (Decathlon or nnU-Net) "
+            "or an imagesTr/ folder with a labelsTr/ folder next to it",
+        )
     if (path / MANIFEST_NAME).is_file():
         return _load_manifest(path / MANIFEST_NAME)
-    if (path / "imagesTr").is_dir():
-        dataset = from_folders(
-            path / "imagesTr",
-            _required_folder(path / "labelsTr"),
-            unlabeled=[path / name for name in _UNLABELED_FOLDERS if (path / name).is_dir()],
-        )
-        return replace(dataset, source=path)
-    raise DataError(
-        path,
-        f"not a dataset: expected a {MANIFEST_NAME} (Decathlon or nnU-Net) "
-        "or an imagesTr/ folder with a labelsTr/ folder next to it",
+    dataset = from_folders(
+        path / "imagesTr",
+        _required_folder(path / "labelsTr"),
+        unlabeled=[path / name for name in _UNLABELED_FOLDERS if (path / name).is_dir()],
     )
+    return replace(dataset, source=path)
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """Whether ``load_dataset`` reads the folder ``path`` as a dataset: it holds a
+    ``dataset.json`` or an ``imagesTr/`` folder."""
+    return (path / MANIFEST_NAME).is_file() or (path / "imagesTr").is_dir()
 
 
 def _load_manifest(path: Path) -> Dataset:
@@ -123,7 +127,9 @@ def _load_decathlon(path: Path, manifest: Dict[str, Any]) -> Dataset:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise DataError(path, f'"training" entry {number} needs "image" and "label" paths')
         image = _listed_file(path, root, entry["image"])
-        labeled.append(Case(_case_name(image), image, _listed_file(path, root, entry["label"])))
+        labeled.append(
+            Case(case_name_from_path(str(image)), image, _listed_file(path, root, entry["label"]))
+        )
     unlabeled = []
     for key in ("test", "unlabeled"):
         entries = manifest.get(key) or []
@@ -134,7 +140,7 @@ def _load_decathlon(path: Path, manifest: Dict[str, Any]) -> Dataset:
             if not isinstance(relative, str):
                 raise DataError(path, f'"{key}" entries must be image paths, found {entry!r}')
             image = _listed_file(path, root, relative)
-            unlabeled.append(Case(_case_name(image), image))
+            unlabeled.append(Case(case_name_from_path(str(image)), image))
     return Dataset(labeled, unlabeled, classes, _modality_of(modality), source=path)
 
 
@@ -152,7 +158,7 @@ def _load_nnunet(path: Path, manifest: Dict[str, Any]) -> Dataset:
     images = _required_folder(root / "imagesTr")
     for image in images.iterdir():
         stem = image.name[: -len(ending)] if image.name.endswith(ending) else ""
-        if stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000":
+        if stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-5:] != CHANNEL_SUFFIX:
             raise DataError(
                 image, "a second image channel; only single-channel datasets are supported"
             )
@@ -269,8 +275,8 @@ def _pair_folders(
 ) -> Dataset:
     """``from_folders``, optionally taking only files that end in ``ending`` (nnU-Net)."""
     images, labels = Path(images), Path(labels)
-    image_files = _cases_in(_required_folder(images), ending, folders_too=True)
-    label_files = _cases_in(_required_folder(labels), ending, folders_too=False)
+    image_files = files_by_case(_required_folder(images), ending, folders_too=True)
+    label_files = files_by_case(_required_folder(labels), ending, folders_too=False)
     if not image_files:
         raise DataError(images, "folder holds no images (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM)")
     for name, label in label_files.items():
@@ -293,7 +299,7 @@ def _pair_folders(
     else:
         folders = [Path(folder) for folder in unlabeled]
     for folder in folders:
-        found = _cases_in(_required_folder(folder), ending, folders_too=True)
+        found = files_by_case(_required_folder(folder), ending, folders_too=True)
         unlabeled_cases.extend(Case(name, image) for name, image in found.items())
     return Dataset(labeled, unlabeled_cases, classes)
 
@@ -305,9 +311,9 @@ def cases_from_paths(paths: Sequence[Path]) -> List[Case]:
     for path in paths:
         path = Path(path)
         if path.is_file():
-            cases.append(Case(_case_name(path), path))
+            cases.append(Case(case_name_from_path(str(path)), path))
         elif path.is_dir():
-            found = _cases_in(path, None, folders_too=True)
+            found = files_by_case(path, None, folders_too=True)
             if not found:  # the folder itself is one DICOM series
                 found = {path.name: path}
             cases.extend(Case(name, entry) for name, entry in found.items())
@@ -320,8 +326,15 @@ def cases_from_paths(paths: Sequence[Path]) -> List[Case]:
     return cases
 
 
-def _cases_in(folder: Path, ending: Optional[str], folders_too: bool) -> Dict[str, Path]:
-    """Image files (and series folders) in ``folder`` by case name, sorted by name."""
+def files_by_case(
+    folder: Path, ending: Optional[str] = None, folders_too: bool = False
+) -> Dict[str, Path]:
+    """Image files directly in ``folder`` by case name (``case_name_from_path``), sorted by name.
+
+    Hidden entries are skipped, and so are files that do not end in ``ending`` (default: any
+    image ending) and sub-folders unless ``folders_too`` (then each is a DICOM series case).
+    Raises DataError naming the file when two entries give the same case name.
+    """
     found: Dict[str, Path] = {}
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".") or entry.name in _IGNORED_FOLDERS:
@@ -334,20 +347,31 @@ def _cases_in(folder: Path, ending: Optional[str], folders_too: bool) -> Dict[st
                 continue
         elif not entry.name.lower().endswith(IMAGE_SUFFIXES):
             continue  # e.g. the .raw data file of a .mhd header, notes, thumbnails
-        name = _case_name(entry)
+        name = case_name_from_path(str(entry))
         if name in found:
             raise DataError(entry, f"two files give the case name {name!r}: {found[name].name} too")
         found[name] = entry
     return found
 
 
-def _case_name(path: Path) -> str:
-    """A case's name: file name without extension or nnU-Net's ``_0000`` channel suffix."""
-    return _strip_channel(case_name_from_path(str(path)))
+def label_maps(path: PathLike) -> Tuple[Dict[str, Path], Optional[Dict[int, str]]]:
+    """Label maps by case name, and their classes: what ``evaluate`` scores predictions against.
 
-
-def _strip_channel(name: str) -> str:
-    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
+    ``path`` is a dataset that ``load_dataset`` reads (its labeled cases, named as training
+    names them; classes from its manifest, None for a plain folder) or a folder of label map
+    files named by case (classes None). Raises DataError naming the file or folder.
+    """
+    path = Path(path)
+    if path.is_dir() and not is_dataset_folder(path):
+        files = files_by_case(path)
+        if not files:
+            raise DataError(
+                path,
+                f"no label files ({', '.join(IMAGE_SUFFIXES)}) in the folder, and not a dataset",
+            )
+        return files, None
+    dataset = load_dataset(path)
+    return {case.name: case.label for case in dataset.labeled if case.label}, dataset.classes
 
 
 def infer_classes(dataset: Dataset) -> Dict[int, str]:
@@ -440,7 +464,7 @@ def read_case_list(path: PathLike) -> List[str]:
     for line in text.splitlines():
         entry = line.split("#", 1)[0].strip()
         if entry:
-            name = _strip_channel(case_name_from_path(entry))
+            name = case_name_from_path(entry)
             if name not in names:
                 names.append(name)
     return names

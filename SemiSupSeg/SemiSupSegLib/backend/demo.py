@@ -12,10 +12,26 @@ from typing import Any, Optional
 import numpy as np
 
 from SemiSupSegLib.backend.config import TrainConfig
-from SemiSupSegLib.backend.datasets import Dataset, load_dataset, with_labeled_subset
+from SemiSupSegLib.backend.datasets import (
+    MANIFEST_NAME,
+    Dataset,
+    load_dataset,
+    with_labeled_subset,
+)
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.splits import benchmark_split
+from SemiSupSegLib.output_layout import (
+    EVALUATION_FOLDER,
+    METRICS_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FOLDER,
+    RUN_FOLDER,
+    SCORES_FILE,
+    SUMMARY_FILE,
+    UNCERTAINTY_FOLDER,
+    uncertainty_file_name,
+)
 
 TASK = "Task04_Hippocampus"
 LABELED_CASES = 8
@@ -34,11 +50,11 @@ def locate_hippocampus(data: Optional[str], events: EventSink) -> Path:
     ):
         if candidate:
             path = Path(candidate).expanduser()
-            if not (path / "dataset.json").exists() and not path.name.endswith(".json"):
-                raise DataError(path, f"({origin}) has no dataset.json: expected MSD {TASK}")
+            if not (path / MANIFEST_NAME).exists() and not path.name.endswith(".json"):
+                raise DataError(path, f"({origin}) has no {MANIFEST_NAME}: expected MSD {TASK}")
             return path
     cached = cache_dir() / TASK
-    if (cached / "dataset.json").exists():
+    if (cached / MANIFEST_NAME).exists():
         return cached
     events.log(f"downloading MSD {TASK} with MONAI into {cache_dir()} (about 30 MB)")
     try:
@@ -93,7 +109,8 @@ def run_demo(
     if iterations:
         values["iterations"] = iterations
     config = TrainConfig.from_dict(values)
-    run_dir, predictions, evaluation = out / "run", out / "predictions", out / "evaluation"
+    run_dir, predictions = out / RUN_FOLDER, out / PREDICTIONS_FOLDER
+    evaluation = out / EVALUATION_FOLDER
     train(dataset, config, run_dir, events, stop)
     predict_cases(Predictor.from_run(run_dir, device=device), test, predictions, 1, events, stop)
     summary = evaluate_folders(predictions, source, evaluation)
@@ -102,17 +119,17 @@ def run_demo(
     print(format_summary(summary))
     print(
         f"\nEverything is in {out.resolve()}:\n"
-        f"  model            {run_dir / 'model.pt'}\n"
+        f"  model            {run_dir / MODEL_FILE}\n"
         f"  label maps       {predictions}/<case>.nii.gz\n"
-        f"  uncertainty maps {predictions / 'uncertainty'}/<case>.nii.gz\n"
-        f"  review order     {predictions / 'scores.csv'}\n"
-        f"  metrics          {evaluation / 'metrics.csv'}, {evaluation / 'summary.json'}\n"
+        f"  uncertainty maps {predictions / UNCERTAINTY_FOLDER}/<case>.nii.gz\n"
+        f"  review order     {predictions / SCORES_FILE}\n"
+        f"  metrics          {evaluation / METRICS_FILE}, {evaluation / SUMMARY_FILE}\n"
         f"  picture          {picture}"
     )
     events.emit(
         "output",
         stage="demo",
-        outputs={"picture": str(picture), "summary": str(evaluation / "summary.json")},
+        outputs={"picture": str(picture), "summary": str(evaluation / SUMMARY_FILE)},
     )
     return summary
 
@@ -124,18 +141,18 @@ def write_overview(cases: list, predictions: Path, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import SimpleITK as sitk
 
-    from SemiSupSegLib.backend.inference import UNCERTAINTY_FOLDER, output_name
+    from SemiSupSegLib.backend.inference import output_name
+    from SemiSupSegLib.backend.volumes import array_from_image, read_image
+
+    def voxels(path: Path) -> np.ndarray:
+        return array_from_image(read_image(path))
 
     fig, axes = plt.subplots(len(cases), 4, figsize=(10, 2.6 * len(cases)), squeeze=False)
     for row, case in enumerate(cases):
-        image = sitk.GetArrayFromImage(sitk.ReadImage(str(case.image)))
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / output_name(case))))
-        unc = sitk.GetArrayFromImage(
-            sitk.ReadImage(str(predictions / UNCERTAINTY_FOLDER / output_name(case)))
-        )
+        image, truth = voxels(case.image), voxels(case.label)
+        pred = voxels(predictions / output_name(case))
+        unc = voxels(predictions / uncertainty_file_name(output_name(case)))
         z = int(np.argwhere(truth > 0)[:, 0].mean()) if truth.any() else image.shape[0] // 2
         panels = [
             (image[z], "gray", "image"),

@@ -9,8 +9,6 @@ predicted boundary, where errors concentrate; higher means review first.
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -33,6 +31,7 @@ from SemiSupSegLib.backend.networks import SegmentationNetwork, network_from_spe
 from SemiSupSegLib.backend.prediction_manifest import (
     COMPLETE,
     PARTIAL,
+    case_entry,
     check_replaceable,
     write_manifest,
 )
@@ -51,10 +50,15 @@ from SemiSupSegLib.backend.uncertainty import (  # noqa: F401  (re-exported)
 )
 from SemiSupSegLib.backend.validation import validate_image
 from SemiSupSegLib.backend.volumes import read_image, write_image
-from SemiSupSegLib.protocol import IMAGE_SUFFIXES, case_name_problem, shorten
+from SemiSupSegLib.output_layout import (
+    SCORES_FILE,
+    ScoreRow,
+    label_file_name,
+    table_text,
+    uncertainty_file_name,
+)
+from SemiSupSegLib.protocol import case_name_problem, shorten
 
-UNCERTAINTY_FOLDER = "uncertainty"
-SCORES_NAME = "scores.csv"
 #: Monte Carlo dropout passes at most: each pass holds a copy of the class probabilities.
 MAX_MC_SAMPLES = 100
 
@@ -224,20 +228,14 @@ def _resample_array(array: np.ndarray, working: sitk.Image, original: sitk.Image
 
 
 def output_name(case: Case) -> str:
-    """The output file name: the case name with the input's extension (.nii.gz for DICOM).
+    """The case's label map file name in a prediction folder (``label_file_name``).
 
     Raises DataError for a case name that is not a plain file name (it would be written
     outside the output folder)."""
     problem = case_name_problem(case.name)
     if problem:
         raise DataError(case.image, f"case name {shorten(repr(case.name))} {problem}")
-    source = str(case.image).lower()
-    for suffix in IMAGE_SUFFIXES:
-        if source.endswith(suffix):
-            return case.name + (
-                ".nrrd" if suffix == ".nhdr" else ".mha" if suffix == ".mhd" else suffix
-            )
-    return case.name + ".nii.gz"
+    return label_file_name(case.name, str(case.image))
 
 
 def predict_cases(
@@ -247,10 +245,10 @@ def predict_cases(
     mc_samples: int = 1,
     events: Optional[EventSink] = None,
     stop: Any = None,
-) -> List[Dict[str, Any]]:
-    """Predict every case into ``out_dir``: ``<case>.<ext>`` label maps, ``uncertainty/<case>.<ext>``
-    maps, ``scores.csv`` (most uncertain first) and ``predictions.json`` (the manifest: model,
-    time, cases). Returns the score rows.
+) -> List[ScoreRow]:
+    """Predict every case into the prediction folder ``out_dir`` (``output_layout``): a label
+    map and an uncertainty map per case, ``scores.csv`` and the manifest ``predictions.json``
+    (model, time, cases). Returns the rows of ``scores.csv``, most uncertain first.
 
     Every input is checked before anything is written. The outputs are written into a temporary
     folder beside ``out_dir`` that replaces it whole once all are written (``staging``), under
@@ -272,14 +270,11 @@ def predict_cases(
             f"{source['file']}: predicting with the checkpoint of an unfinished training "
             f"(iteration {source['iteration']} of {source['iterations']}), not a finished model"
         )
-    rows: List[Dict[str, Any]] = []
+    rows: List[ScoreRow] = []
     with FolderLock(out_dir):
         check_replaceable(out_dir)
         with StagedFolder(out_dir) as staged:
-            listed = [
-                {"case": c.name, "label": n, "uncertainty": f"{UNCERTAINTY_FOLDER}/{n}"}
-                for c, n in zip(cases, names)
-            ]
+            listed = [case_entry(c.name, n) for c, n in zip(cases, names)]
             write_manifest(staged.staging, source, listed, PARTIAL)
             events.emit("stage", stage="prediction", iteration=0, total=total)
             for index, (case, name) in enumerate(zip(cases, names)):
@@ -287,23 +282,23 @@ def predict_cases(
                     raise CancelledError(f"prediction cancelled after {index} of {total} cases")
                 result = predictor.predict(case.name, read_image(case.image), mc_samples)
                 write_image(result.label, staged.staging / name)
-                write_image(result.uncertainty, staged.staging / UNCERTAINTY_FOLDER / name)
+                write_image(result.uncertainty, staged.staging / uncertainty_file_name(name))
                 rows.append(
-                    {
-                        "case": case.name,
-                        "score": round(result.score, 6),
-                        "foreground_voxels": result.foreground_voxels,
-                        "label": str(out_dir / name),
-                        "uncertainty": str(out_dir / UNCERTAINTY_FOLDER / name),
-                        "image": str(case.image),
-                    }
+                    ScoreRow(
+                        case=case.name,
+                        score=round(result.score, 6),
+                        foreground_voxels=result.foreground_voxels,
+                        label=str(out_dir / name),
+                        uncertainty=str(out_dir / uncertainty_file_name(name)),
+                        image=str(case.image),
+                    )
                 )
                 events.progress("prediction", index + 1, total, message=case.name)
-            rows.sort(key=lambda r: -r["score"])
-            write_scores(rows, staged.staging / SCORES_NAME)
-            write_manifest(staged.staging, source, listed, COMPLETE, [SCORES_NAME])
+            rows.sort(key=lambda r: -r.score)
+            write_scores(rows, staged.staging / SCORES_FILE)
+            write_manifest(staged.staging, source, listed, COMPLETE, [SCORES_FILE])
             staged.commit()
-    scores_path = out_dir / SCORES_NAME
+    scores_path = out_dir / SCORES_FILE
     events.emit(
         "output",
         stage="prediction",
@@ -327,11 +322,7 @@ def _check_apart(out_dir: Path, cases: Sequence[Case]) -> None:
             )
 
 
-def write_scores(rows: List[Dict[str, Any]], path: Path) -> None:
-    fields = ["case", "score", "foreground_voxels", "label", "uncertainty", "image"]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
+def write_scores(rows: List[ScoreRow], path: Path) -> None:
+    """Write ``scores.csv`` (``output_layout.ScoreRow``) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text.getvalue())
+    write_text_atomic(path, table_text(rows, ScoreRow))

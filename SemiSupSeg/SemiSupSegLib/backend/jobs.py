@@ -1,8 +1,7 @@
 """Run a protocol v1 job: validate inputs, train, predict the unlabeled cases, report outputs.
 
-Output folder layout (paths in the final ``done``/``output`` events):
-``run/`` (model.pt, checkpoint.pt, config.json), ``predictions/<case>.<ext>`` label maps,
-``predictions/uncertainty/<case>.<ext>`` and ``predictions/scores.csv``.
+The job's output folder holds a run folder and a prediction folder (``output_layout``); their
+paths are in the final ``output`` event.
 """
 
 from __future__ import annotations
@@ -13,10 +12,8 @@ from typing import Any, Dict, Optional
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import Case, Dataset
 from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.output_layout import MODEL_FILE, PREDICTIONS_FOLDER, RUN_FOLDER, SCORES_FILE
 from SemiSupSegLib.protocol import JobSpec
-
-RUN_FOLDER = "run"
-PREDICTIONS_FOLDER = "predictions"
 
 
 def dataset_from_job(job: JobSpec) -> Dataset:
@@ -74,11 +71,11 @@ def run_job(
         plan=plan,
         new_budget=budget,
     )
-    outputs = {"model": str(run_dir / "model.pt"), "run": str(run_dir)}
+    outputs = {"model": str(run_dir / MODEL_FILE), "run": str(run_dir)}
     if job.predict_unlabeled and dataset.unlabeled:
         predictor = Predictor.from_run(run_dir, device=config.device)
         predictions = output / PREDICTIONS_FOLDER
         predict_cases(predictor, dataset.unlabeled, predictions, 1, events, stop)
-        outputs.update({"predictions": str(predictions), "scores": str(predictions / "scores.csv")})
+        outputs.update({"predictions": str(predictions), "scores": str(predictions / SCORES_FILE)})
     events.emit("output", stage="job", message=f"job finished: {output}", outputs=outputs)
     return outputs

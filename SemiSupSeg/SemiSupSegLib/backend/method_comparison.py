@@ -13,7 +13,6 @@ the result names how many cases it rests on.
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -24,10 +23,16 @@ from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.datasets import Case, Dataset, exclude_cases
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.output_layout import (
+    COMPARISON_FILE,
+    EVALUATION_FOLDER,
+    HELD_OUT_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FOLDER,
+    RUN_FOLDER,
+)
 from SemiSupSegLib.protocol import DEFAULT_BUDGET
 
-#: The result file in the comparison's output folder.
-COMPARISON_FILE = "comparison.json"
 #: Labeled cases that must stay for training after the held-out ones are taken.
 MIN_TRAINING_CASES = 2
 #: The method every other one is compared against.
@@ -138,8 +143,8 @@ def compare_methods(
         methods: method names; supervised training should be among them (it is the baseline).
         context: device and modality (``method`` is set per method).
         explicit: the settings the user gave (they apply to every method).
-        out: the comparison folder: ``<method>/run``, ``<method>/validation`` (predictions and
-            ``metrics.csv``) and ``comparison.json``.
+        out: the comparison folder: ``<method>/run``, ``<method>/predictions`` (of the held-out
+            cases), ``<method>/evaluation`` and ``comparison.json``.
         events: progress for each method in turn.
         stop: a ``StopFlag``.
         holdout: held-out labeled cases (0: ``default_holdout``).
@@ -151,7 +156,7 @@ def compare_methods(
     """
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
     from SemiSupSegLib.backend.methods import method_class
-    from SemiSupSegLib.backend.metrics import evaluate_folders
+    from SemiSupSegLib.backend.metrics import case_mean_dice, evaluate_folders
     from SemiSupSegLib.backend.planned_training import train_planned
 
     if len(set(methods)) != len(methods) or not methods:
@@ -161,7 +166,7 @@ def compare_methods(
     training, held = hold_out(dataset, holdout or default_holdout(len(dataset.labeled)), seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    truth = out / "held-out.json"
+    truth = out / HELD_OUT_FILE
     write_text_atomic(truth, json.dumps(_truth_manifest(held, dataset.classes), indent=1) + "\n")
     comparison = Comparison(held_out=[c.name for c in held])
     for number, method in enumerate(methods, 1):
@@ -173,19 +178,19 @@ def compare_methods(
         )
         folder = out / method
         result = train_planned(
-            training, {**context, "method": method}, explicit, folder / "run", events, stop,
+            training, {**context, "method": method}, explicit, folder / RUN_FOLDER, events, stop,
             budget=budget,
         )  # fmt: skip
-        predictor = Predictor.from_run(folder / "run", device=context.get("device", "auto"))
-        predictions = folder / "validation"
+        predictor = Predictor.from_run(folder / RUN_FOLDER, device=context.get("device", "auto"))
+        predictions = folder / PREDICTIONS_FOLDER
         predict_cases(predictor, held, predictions, 1, events, stop)
-        evaluate_folders(predictions, truth, folder / "evaluation", dataset.classes)
+        evaluate_folders(predictions, truth, folder / EVALUATION_FOLDER, dataset.classes)
         comparison.results.append(
             MethodResult(
                 method=method,
-                case_dice=case_mean_dice(folder / "evaluation" / "metrics.csv"),
+                case_dice=case_mean_dice(folder / EVALUATION_FOLDER / METRICS_FILE),
                 train_seconds=float(getattr(result, "seconds", 0.0) or 0.0),
-                run=str(folder / "run"),
+                run=str(folder / RUN_FOLDER),
             )
         )
     comparison.recommended, comparison.reason = recommend(comparison.results)
@@ -220,12 +225,3 @@ def _truth_manifest(cases: Sequence[Case], classes: Any) -> Dict[str, Any]:
             for c in cases
         ],
     }  # fmt: skip
-
-
-def case_mean_dice(metrics_csv: Path) -> Dict[str, float]:
-    """Mean foreground Dice per case from an evaluation's ``metrics.csv``."""
-    per_case: Dict[str, List[float]] = {}
-    with open(metrics_csv, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            per_case.setdefault(row["case"], []).append(float(row["dice"]))
-    return {case: sum(values) / len(values) for case, values in per_case.items()}

@@ -26,8 +26,6 @@ No output value is ever NaN or infinite.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import warnings
@@ -45,9 +43,19 @@ from monai.metrics import (
 )
 
 from SemiSupSegLib.backend.atomic_files import write_text_atomic
+from SemiSupSegLib.backend.datasets import files_by_case, label_maps
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.prediction_manifest import check_complete
-from SemiSupSegLib.protocol import IMAGE_SUFFIXES, case_name_from_path
+from SemiSupSegLib.backend.validation import validate_label
+from SemiSupSegLib.backend.volumes import geometry_mismatch
+from SemiSupSegLib.output_layout import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsRow,
+    read_table,
+    table_text,
+)
+from SemiSupSegLib.protocol import IMAGE_SUFFIXES
 
 PENALTY_CONVENTION = (
     "Both prediction and truth empty for a class: dice 1, iou 1, hd95 0 mm, asd 0 mm. "
@@ -56,12 +64,9 @@ PENALTY_CONVENTION = (
     "(empty_prediction or empty_truth)."
 )
 
-METRIC_NAMES = ("dice", "iou", "hd95_mm", "asd_mm")
-CSV_COLUMNS = ("case", "class_value", "class_name", "dice", "iou", "hd95_mm", "asd_mm", "penalty")
-
-_SPACING_RTOL = 1e-4
-_ORIGIN_ATOL_MM = 1e-3
-_DIRECTION_ATOL = 1e-4
+#: ``case_metrics``'s keys and their columns in ``metrics.csv`` (``MetricsRow``), which are also
+#: the keys of the statistics in ``summary.json``.
+_COLUMNS = {"dice": "dice", "iou": "iou", "hd95": "hd95_mm", "asd": "asd_mm"}
 
 
 # ---------------------------------------------------------------- one case
@@ -174,13 +179,16 @@ def evaluate_folders(
     """Score every prediction file against its truth; write metrics.csv and summary.json.
 
     ``prediction_dir`` holds ``<case>.<ext>`` label maps (subfolders, e.g. ``uncertainty/``,
-    are ignored). ``truth`` is a folder of label files named by case, or an MSD
-    ``dataset.json`` (or a folder holding one) whose ``training`` entries give the labels.
-    ``classes`` maps foreground label values to names; by default the manifest's ``labels``,
-    else the non-zero values found in the files. Every foreground value in the files must be
-    one of the classes. Raises DataError naming the file for an unreadable file, a prediction
-    without truth, a geometry mismatch, when no case matches, or for a folder whose
-    ``predictions.json`` says it is partial or mixed. Returns the summary.
+    are ignored). ``truth`` is a dataset (anything ``train --data`` reads: an MSD or nnU-Net
+    ``dataset.json``, a folder holding one, or a folder with ``imagesTr/`` and ``labelsTr/``)
+    whose labeled cases give the labels, or a folder of label files. Files are listed, cases
+    named, label maps read and checked, and geometries compared by the rules training uses
+    (``datasets``, ``validation``, ``volumes``). ``classes`` maps foreground label values to
+    names; by default the dataset's classes, else the non-zero values found in the files.
+    Every foreground value in the files must be one of the classes. Raises DataError naming
+    the file for an unreadable file, a prediction without truth, a geometry mismatch, when no
+    case matches, or for a folder whose ``predictions.json`` says it is partial or mixed.
+    Returns the summary.
     """
     prediction_dir = Path(prediction_dir)
     truth = Path(truth)
@@ -188,10 +196,10 @@ def evaluate_folders(
     if not prediction_dir.is_dir():
         raise DataError(prediction_dir, "the prediction folder does not exist")
     check_complete(prediction_dir)  # a partial or mixed folder of ours would mislead
-    predictions = _image_files(prediction_dir)
-    truths, manifest_classes = _truth_files(truth)
+    predictions = files_by_case(prediction_dir)
+    truths, truth_classes = label_maps(truth)
     if not predictions:
-        raise DataError(prediction_dir, "no prediction files (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+        raise DataError(prediction_dir, f"no prediction files ({', '.join(IMAGE_SUFFIXES)})")
 
     missing = sorted(set(predictions) - set(truths))
     if missing:
@@ -204,35 +212,30 @@ def evaluate_folders(
 
     if classes is not None:
         class_names = {int(k): str(v) for k, v in classes.items() if int(k) != 0}
-    elif manifest_classes is not None:
-        class_names = {k: v for k, v in manifest_classes.items() if k != 0}
+    elif truth_classes is not None:
+        class_names = {k: v for k, v in truth_classes.items() if k != 0}
     else:
         class_names = None  # found from the files as we go
+    allowed = None if class_names is None else {0: "background", **class_names}
 
     per_case: Dict[str, dict[int, dict[str, float]]] = {}
     found_values: set = set()
     for name in names:
         pred_path, truth_path = predictions[name], truths[name]
-        pred_image = _read_label(pred_path)
-        truth_image = _read_label(truth_path)
-        _check_geometry(pred_image, pred_path, truth_image, truth_path)
-        pred = sitk.GetArrayViewFromImage(pred_image)
-        true = sitk.GetArrayViewFromImage(truth_image)
-        values = set()
-        for array, path in ((pred, pred_path), (true, truth_path)):
-            present = _label_values(array, path)
-            if class_names is not None:
-                unknown = sorted(present - set(class_names) - {0})
-                if unknown:
-                    raise DataError(
-                        path,
-                        f"contains label value(s) {unknown} that are not among the classes "
-                        f"{sorted(class_names)}",
-                    )
-            values |= present
-        values.discard(0)
+        pred_image, pred_values = validate_label(pred_path, allowed)
+        truth_image, truth_values = validate_label(truth_path, allowed)
+        mismatch = geometry_mismatch(pred_image, truth_image)
+        if mismatch:
+            raise DataError(
+                pred_path,
+                f"prediction geometry differs from the truth {truth_path} ({mismatch}; "
+                "prediction vs truth); resample it onto the truth's grid",
+            )
+        values = (pred_values | truth_values) - {0}
         found_values |= values
         evaluate = sorted(class_names) if class_names is not None else sorted(values)
+        pred = sitk.GetArrayViewFromImage(pred_image)
+        true = sitk.GetArrayViewFromImage(truth_image)
         per_case[name] = case_metrics(pred, true, truth_image.GetSpacing(), evaluate)
 
     if class_names is None:
@@ -244,14 +247,20 @@ def evaluate_folders(
     if not class_names:
         raise DataError(truth, "no foreground class to evaluate (all label maps are empty)")
 
-    rows = _rows(per_case, class_names)
     summary = _summary(per_case, class_names, prediction_dir, truth, len(truths))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "metrics.csv", _csv_text(rows))
-    write_text_atomic(
-        out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    )
+    write_text_atomic(out_dir / METRICS_FILE, table_text(_rows(per_case, class_names), MetricsRow))
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
+
+
+def case_mean_dice(metrics_csv: Path) -> Dict[str, float]:
+    """Mean foreground Dice per case from an evaluation's ``metrics.csv``: what paired
+    comparisons of two runs on the same cases use."""
+    per_case: Dict[str, List[float]] = {}
+    for row in read_table(metrics_csv, MetricsRow):
+        per_case.setdefault(row.case, []).append(row.dice)
+    return {case: sum(values) / len(values) for case, values in per_case.items()}
 
 
 def format_summary(summary: dict) -> str:
@@ -276,134 +285,6 @@ def format_summary(summary: dict) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def _image_files(folder: Path) -> Dict[str, Path]:
-    """Image files directly inside ``folder`` by case name (subfolders and hidden files skipped)."""
-    files: Dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        if not path.name.lower().endswith(IMAGE_SUFFIXES):
-            continue
-        name = case_name_from_path(str(path))
-        if name in files:
-            raise DataError(path, f"case {name!r} also has the file {files[name].name}")
-        files[name] = path
-    return files
-
-
-def _truth_files(truth: Path) -> Tuple[Dict[str, Path], Optional[Dict[int, str]]]:
-    """Truth label files by case name, and the manifest's classes when there is a manifest."""
-    if truth.is_dir() and not (truth / "dataset.json").is_file():
-        files = _image_files(truth)
-        if not files:
-            raise DataError(
-                truth, "no label files (.nii.gz, .nii, .nrrd, .mha, .mhd) in the folder"
-            )
-        return files, None
-    manifest = truth / "dataset.json" if truth.is_dir() else truth
-    if not manifest.is_file():
-        raise DataError(truth, "the truth folder or dataset.json does not exist")
-    return _read_manifest(manifest)
-
-
-def _read_manifest(manifest: Path) -> Tuple[Dict[str, Path], Optional[Dict[int, str]]]:
-    """Labeled cases and classes of an MSD ``dataset.json`` (paths relative to its folder).
-
-    Only the label paths matter here, so this small reader does not touch the images. A case is
-    named as in the job protocol: its ``name`` if given, else its image's file name.
-    """
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DataError(manifest, f"cannot read the file ({err.strerror})") from err
-    except json.JSONDecodeError as err:
-        raise DataError(manifest, f"not valid JSON (line {err.lineno}: {err.msg})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("training"), list):
-        raise DataError(manifest, "expected an MSD dataset.json with a 'training' list")
-    files: Dict[str, Path] = {}
-    for index, entry in enumerate(data["training"]):
-        label = entry.get("label") if isinstance(entry, dict) else None
-        if not isinstance(label, str) or not label:
-            raise DataError(manifest, f"training[{index}] has no 'label' path")
-        path = Path(label)
-        if not path.is_absolute():
-            path = (manifest.parent / path).resolve()
-        name = entry.get("name") or case_name_from_path(str(entry.get("image") or label))
-        if name in files:
-            raise DataError(manifest, f"case {name!r} is listed twice in 'training'")
-        files[name] = path
-    return files, _manifest_classes(data.get("labels"), manifest)
-
-
-def _manifest_classes(labels: Any, manifest: Path) -> Optional[Dict[int, str]]:
-    """MSD ``labels``: value -> name ({"0": "background"}) or name -> value (nnU-Net v2)."""
-    if labels is None:
-        return None
-    if not isinstance(labels, dict):
-        raise DataError(manifest, "'labels' must be an object of label value -> name")
-    classes: Dict[int, str] = {}
-    for key, item in labels.items():
-        try:
-            if isinstance(item, int) and not isinstance(item, bool):
-                classes[item] = str(key)
-            else:
-                classes[int(key)] = str(item)
-        except (TypeError, ValueError):
-            raise DataError(
-                manifest, f"'labels' entry {key!r}: {item!r} has no integer value"
-            ) from None
-    return classes
-
-
-def _read_label(path: Path) -> sitk.Image:
-    if not path.is_file():
-        raise DataError(path, "the label file does not exist")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines() or ["unknown error"]
-        raise DataError(path, f"cannot read the image ({lines[-1]})") from err
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(path, "expected a label map with one value per voxel, got a vector image")
-    return image
-
-
-def _label_values(array: np.ndarray, path: Path) -> set:
-    values = np.unique(array)
-    if values.dtype.kind == "f" and not np.all(np.isfinite(values) & (values == np.round(values))):
-        raise DataError(path, "expected an integer label map, found non-integer values")
-    if values.size and values.min() < 0:
-        raise DataError(path, f"negative label value {values.min()} in a label map")
-    return {int(v) for v in values}
-
-
-def _check_geometry(pred: sitk.Image, pred_path: Path, truth: sitk.Image, truth_path: Path) -> None:
-    """Raise DataError naming the prediction when it does not lie on the truth's voxel grid."""
-    problems = []
-    if pred.GetSize() != truth.GetSize():
-        problems.append(f"size {pred.GetSize()} vs {truth.GetSize()}")
-    else:
-        p_sp, t_sp = np.array(pred.GetSpacing()), np.array(truth.GetSpacing())
-        if not np.allclose(p_sp, t_sp, rtol=_SPACING_RTOL, atol=1e-6):
-            problems.append(f"spacing {_fmt(p_sp)} vs {_fmt(t_sp)}")
-        p_or, t_or = np.array(pred.GetOrigin()), np.array(truth.GetOrigin())
-        if not np.allclose(p_or, t_or, rtol=1e-5, atol=_ORIGIN_ATOL_MM):
-            problems.append(f"origin {_fmt(p_or)} vs {_fmt(t_or)}")
-        p_dir, t_dir = np.array(pred.GetDirection()), np.array(truth.GetDirection())
-        if not np.allclose(p_dir, t_dir, rtol=0, atol=_DIRECTION_ATOL):
-            problems.append(f"direction {_fmt(p_dir)} vs {_fmt(t_dir)}")
-    if problems:
-        raise DataError(
-            pred_path,
-            "prediction geometry differs from the truth "
-            f"{truth_path} ({'; '.join(problems)}); resample it onto the truth's grid",
-        )
-
-
-def _fmt(values: np.ndarray) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
-
-
 def _penalty_word(result: dict[str, float]) -> str:
     if not result["penalty"]:
         return "none"
@@ -412,25 +293,18 @@ def _penalty_word(result: dict[str, float]) -> str:
 
 def _rows(
     per_case: Dict[str, dict[int, dict[str, float]]], class_names: Dict[int, str]
-) -> List[List[Any]]:
-    rows = []
-    for name in sorted(per_case):
-        for value in sorted(class_names):
-            r = per_case[name][value]
-            rows.append(
-                [name, value, class_names[value]]
-                + [f"{r[k]:.6f}" for k in ("dice", "iou", "hd95", "asd")]
-                + [_penalty_word(r)]
-            )
-    return rows
-
-
-def _csv_text(rows: List[List[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(rows)
-    return buffer.getvalue()
+) -> List[MetricsRow]:
+    return [
+        MetricsRow(
+            case=name,
+            class_value=value,
+            class_name=class_names[value],
+            penalty=_penalty_word(per_case[name][value]),
+            **{column: float(per_case[name][value][key]) for key, column in _COLUMNS.items()},
+        )
+        for name in sorted(per_case)
+        for value in sorted(class_names)
+    ]
 
 
 def _stats(values: Sequence[float]) -> Dict[str, float]:
@@ -450,17 +324,17 @@ def _summary(
     num_truth_cases: int,
 ) -> dict:
     cases = sorted(per_case)
-    keys = {"dice": "dice", "iou": "iou", "hd95_mm": "hd95", "asd_mm": "asd"}
     per_class: Dict[str, Any] = {}
     for value in sorted(class_names):
         results = [per_case[c][value] for c in cases]
         entry: Dict[str, Any] = {"name": class_names[value]}
-        for out_key, key in keys.items():
-            entry[out_key] = _stats([r[key] for r in results])
+        for key, column in _COLUMNS.items():
+            entry[column] = _stats([r[key] for r in results])
         entry["num_penalties"] = int(sum(bool(r["penalty"]) for r in results))
         per_class[str(value)] = entry
     mean_foreground = {
-        k: float(np.mean([per_class[str(v)][k]["mean"] for v in class_names])) for k in keys
+        column: float(np.mean([per_class[str(v)][column]["mean"] for v in class_names]))
+        for column in _COLUMNS.values()
     }
     return {
         "num_cases": len(cases),

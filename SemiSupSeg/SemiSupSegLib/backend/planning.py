@@ -26,7 +26,6 @@ from SemiSupSegLib.backend.fingerprint import Fingerprint
 from SemiSupSegLib.backend.memory import MemoryModel
 from SemiSupSegLib.protocol import DEFAULT_BUDGET, TIME_BUDGETS
 
-PLAN_NAME = "plan.json"
 #: Voxels a CPU trains on per iteration: 4 patches of 32x48x32 trains in about a second per
 #: iteration on one or two cores.
 CPU_VOXELS_PER_ITERATION = 4 * 32 * 48 * 32

@@ -16,11 +16,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.errors import DataError
+from SemiSupSegLib.output_layout import PREDICTION_MANIFEST_FILE, uncertainty_file_name
 
-MANIFEST_NAME = "predictions.json"
 FORMAT = "semisupseg-predictions"
 PARTIAL = "partial"
 COMPLETE = "complete"
+
+
+def case_entry(case: str, label_file: str) -> Dict[str, str]:
+    """A case as the manifest lists it: its name and its files, relative to the folder."""
+    return {"case": case, "label": label_file, "uncertainty": uncertainty_file_name(label_file)}
 
 
 def write_manifest(
@@ -42,12 +47,12 @@ def write_manifest(
         "cases": list(cases),
         "other_files": list(other_files),
     }
-    write_text_atomic(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(folder / PREDICTION_MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
     """The manifest of ``folder``, or None when it has none; DataError when it is unreadable."""
-    path = folder / MANIFEST_NAME
+    path = folder / PREDICTION_MANIFEST_FILE
     if not path.is_file():
         return None
     try:
@@ -61,7 +66,7 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
 
 def listed_files(manifest: Dict[str, Any]) -> List[str]:
     """Every file the manifest's prediction wrote, relative to its folder (itself included)."""
-    files = [MANIFEST_NAME]
+    files = [PREDICTION_MANIFEST_FILE]
     for case in manifest.get("cases") or []:
         files.extend(v for k, v in case.items() if k != "case" and isinstance(v, str))
     files.extend(manifest.get("other_files") or [])
@@ -81,7 +86,7 @@ def check_complete(folder: Path) -> Optional[Dict[str, Any]]:
     manifest = read_manifest(folder)
     if manifest is None:
         return None
-    path = folder / MANIFEST_NAME
+    path = folder / PREDICTION_MANIFEST_FILE
     if manifest.get("status") != COMPLETE:
         raise DataError(
             path,
@@ -106,7 +111,7 @@ def check_replaceable(folder: Path) -> None:
     if manifest is None:
         raise DataError(
             folder,
-            f"holds files that are not SemiSupSeg predictions (no {MANIFEST_NAME}), e.g. "
+            f"holds files that are not SemiSupSeg predictions (no {PREDICTION_MANIFEST_FILE}), e.g. "
             f"{sorted(present)[0]}; choose a new or empty output folder",
         )
     unlisted = sorted(present - set(listed_files(manifest)))

@@ -18,8 +18,6 @@ from SemiSupSegLib.backend import distributed
 from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.checkpoint import (
-    CHECKPOINT_NAME,
-    MODEL_NAME,
     load_checkpoint,
     restore_rng_state,
     rng_state,
@@ -34,8 +32,15 @@ from SemiSupSegLib.backend.events import EventSink, RateEstimator
 from SemiSupSegLib.backend.folder_lock import holds_folder
 from SemiSupSegLib.backend.methods import Method, create_method
 from SemiSupSegLib.backend.networks import network_divisors
-from SemiSupSegLib.backend.planning import PLAN_NAME, Plan
+from SemiSupSegLib.backend.planning import Plan
 from SemiSupSegLib.backend.training_callbacks import CallbackList, StepCallback, TrainingCallback
+from SemiSupSegLib.output_layout import (
+    CASES_FILE,
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    PLAN_FILE,
+)
 
 
 @dataclass
@@ -104,7 +109,7 @@ def train(
     events = events if events is not None and world.is_main else EventSink(quiet=True)
     stop = stop or StopFlag()
     run_dir = Path(run_dir)
-    checkpoint_path = run_dir / CHECKPOINT_NAME
+    checkpoint_path = run_dir / CHECKPOINT_FILE
     state: Optional[Dict[str, Any]] = None
     if resume:
         state = load_checkpoint(checkpoint_path)
@@ -181,8 +186,8 @@ def _train(
     events.emit(
         "output",
         stage="training",
-        message=f"trained {config.iterations - run.start} iterations in {seconds:.0f} s; model: {run_dir / MODEL_NAME}",
-        outputs={"model": str(run_dir / MODEL_NAME), "checkpoint": str(run.checkpoint_path)},
+        message=f"trained {config.iterations - run.start} iterations in {seconds:.0f} s; model: {run_dir / MODEL_FILE}",
+        outputs={"model": str(run_dir / MODEL_FILE), "checkpoint": str(run.checkpoint_path)},
     )
     return TrainResult(run_dir, config.iterations, seconds, losses)
 
@@ -236,7 +241,7 @@ class _Run:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / CHECKPOINT_NAME
+        return self.run_dir / CHECKPOINT_FILE
 
     # ------------------------------------------------------------ restore or warm-start
 
@@ -406,7 +411,7 @@ class _Run:
         if self.world.is_main:
             final = self.payload(self.config.iterations)
             save_checkpoint(self.checkpoint_path, final)
-            save_checkpoint(self.run_dir / MODEL_NAME, {k: final[k] for k in MODEL_KEYS})
+            save_checkpoint(self.run_dir / MODEL_FILE, {k: final[k] for k in MODEL_KEYS})
         distributed.dump_rank_state(self.method.state_dict(), self.world)
         distributed.barrier()  # every rank ends once the outputs are written
 
@@ -532,10 +537,10 @@ def previous_method_state(
     the checkpoint in its run folder."""
     if "method_state" not in previous:
         folder = run_folder(init_from)
-        if not (folder / CHECKPOINT_NAME).exists():
+        if not (folder / CHECKPOINT_FILE).exists():
             return None
         try:
-            previous = load_checkpoint(folder / CHECKPOINT_NAME)
+            previous = load_checkpoint(folder / CHECKPOINT_FILE)
         except DataError:
             return None
     if previous.get("config", {}).get("method") != config.method:
@@ -549,7 +554,7 @@ def previous_labeled(previous: Dict[str, Any], init_from: str | Path) -> Optiona
     if previous.get("labeled_cases") is not None:
         return list(previous["labeled_cases"])
     try:
-        cases = json.loads((run_folder(init_from) / "cases.json").read_text(encoding="utf-8"))
+        cases = json.loads((run_folder(init_from) / CASES_FILE).read_text(encoding="utf-8"))
         return [c["name"] for c in cases["labeled"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -617,7 +622,7 @@ def _inside(path: Path, folder: Path) -> bool:
 def _remove_previous_outputs(run_dir: Path, keep_checkpoint: bool) -> None:
     """Remove a previous run's model (and, unless resuming, its checkpoint and plan) before
     this run writes its settings: the folder then holds one run or, until it ends, no model."""
-    names = [MODEL_NAME] if keep_checkpoint else [MODEL_NAME, CHECKPOINT_NAME, PLAN_NAME]
+    names = [MODEL_FILE] if keep_checkpoint else [MODEL_FILE, CHECKPOINT_FILE, PLAN_FILE]
     for name in names:
         (run_dir / name).unlink(missing_ok=True)
 
@@ -625,9 +630,9 @@ def _remove_previous_outputs(run_dir: Path, keep_checkpoint: bool) -> None:
 def _write_run_files(
     run_dir: Path, config: TrainConfig, dataset: Dataset, plan: Optional[Plan]
 ) -> None:
-    write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
+    write_text_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
     if plan is not None:
-        write_text_atomic(run_dir / PLAN_NAME, json.dumps(plan.to_dict(), indent=2))
+        write_text_atomic(run_dir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
     cases = {
         "classes": {str(k): v for k, v in dataset.classes.items()},
         "labeled": [
@@ -635,4 +640,4 @@ def _write_run_files(
         ],
         "unlabeled": [{"name": c.name, "image": str(c.image)} for c in dataset.unlabeled],
     }
-    write_text_atomic(run_dir / "cases.json", json.dumps(cases, indent=2))
+    write_text_atomic(run_dir / CASES_FILE, json.dumps(cases, indent=2))

@@ -32,6 +32,12 @@ _COMPRESSED_SUFFIXES = (".nii.gz", ".nrrd", ".mha")
 #: Header-only formats whose voxels live in a second file named inside the header.
 _DETACHED_SUFFIXES = (".nhdr", ".mhd")
 
+#: How far two geometries may differ and still be one voxel grid (``geometry_mismatch``): spacing
+#: and origin by this share of the smaller spacing, direction cosines by this much. File formats
+#: store geometry in single precision, so an image, its label map and a prediction written from
+#: them can differ in the last digits.
+GEOMETRY_TOLERANCE = 1e-3
+
 _SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM folder"
 
 
@@ -281,12 +287,15 @@ def geometry_of(image: sitk.Image) -> Geometry:
 
 
 def geometry_mismatch(
-    a: Union[sitk.Image, Geometry], b: Union[sitk.Image, Geometry], tolerance: float = 1e-3
+    a: Union[sitk.Image, Geometry],
+    b: Union[sitk.Image, Geometry],
+    tolerance: float = GEOMETRY_TOLERANCE,
 ) -> Optional[str]:
     """Say what differs between two geometries ("size 3x4x5 vs 3x4x6; ..."), or None.
 
-    Spacing and origin may differ by ``tolerance`` times the smaller spacing (file formats
-    store them in single precision); direction cosines by ``tolerance`` absolutely.
+    The one comparison of voxel grids: training checks an image against its label map with it,
+    evaluation a prediction against its truth. Spacing and origin may differ by ``tolerance``
+    times the smaller spacing, direction cosines by ``tolerance`` absolutely.
     """
     first = a if isinstance(a, Geometry) else geometry_of(a)
     second = b if isinstance(b, Geometry) else geometry_of(b)
