@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import Case, Dataset
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.output_layout import MODEL_FILE, PREDICTIONS_FOLDER, RUN_FOLDER, SCORES_FILE
@@ -31,49 +30,34 @@ def job_context(job: JobSpec) -> Dict[str, Any]:
     return {"method": job.method, "device": job.device, "modality": job.modality}
 
 
-def config_from_job(job: JobSpec) -> TrainConfig:
-    """The job's settings on top of the defaults, without a plan."""
-    return TrainConfig.from_dict({**job_context(job), **job.settings}).validate()
-
-
 def run_job(
     job_path: Path, events: Optional[EventSink] = None, stop: Any = None, resume: bool = False
 ) -> Dict[str, str]:
     """Run ``job_path`` end to end; returns the output paths also sent as the last event."""
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
-    from SemiSupSegLib.backend.training import train
-    from SemiSupSegLib.backend.validation import check_dataset
+    from SemiSupSegLib.backend.planned_training import train_planned
 
     events = events or EventSink(quiet=True)
     job = JobSpec.load(job_path).resolve(job_path.parent)
     dataset = dataset_from_job(job)
-    config = config_from_job(job)  # the job's own settings are checked before any planning
-    check_dataset(dataset, events)
-    plan = None
-    if job.plan and not resume:
-        from SemiSupSegLib.backend.planning import plan_training
-
-        config, plan = plan_training(
-            dataset, job_context(job), dict(job.settings), events, job.budget
-        )
-
     output = Path(job.output)
     run_dir = output / RUN_FOLDER
-    budget = config.iterations if "iterations" in job.settings else None
-    train(
+    train_planned(
         dataset,
-        config,
+        job_context(job),
+        dict(job.settings),
         run_dir,
         events,
         stop,
+        plan=job.plan,
+        budget=job.budget,
         resume=resume,
         init_from=job.init_from,
-        plan=plan,
-        new_budget=budget,
+        check_unlabeled=True,  # the unlabeled cases are predicted after training
     )
     outputs = {"model": str(run_dir / MODEL_FILE), "run": str(run_dir)}
     if job.predict_unlabeled and dataset.unlabeled:
-        predictor = Predictor.from_run(run_dir, device=config.device)
+        predictor = Predictor.from_run(run_dir, device=job.device)
         predictions = output / PREDICTIONS_FOLDER
         predict_cases(predictor, dataset.unlabeled, predictions, 1, events, stop)
         outputs.update({"predictions": str(predictions), "scores": str(predictions / SCORES_FILE)})
