@@ -20,8 +20,6 @@ building this catalogue from the registry at import, would leave the Slicer side
 a generated copy would be a second place the built-in names are written.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
