@@ -141,7 +141,7 @@ def test_a_config_json_keeps_the_options_as_given_and_loads_them():
         ("mn", "lr_3d", -1, "method.lr_3d must be a positive number, got -1"),
         ("mn+em", "max_unreliable_share", float("nan"), "method.max_unreliable_share must be a"),
         ("mn", "nonsense", 1, "unknown setting 'method.nonsense' of method 'mn'; known settings"),
-        ("supervised", "ema_decay", 0.9, "'method.ema_decay': method 'supervised' has no such"),
+        ("supervised", "ema_decay", 0.9, "method 'supervised' has no settings of its own"),
     ],
 )
 def test_bad_method_options_are_named_when_the_settings_are_checked(

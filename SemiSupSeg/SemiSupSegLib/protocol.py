@@ -2,8 +2,9 @@
 
 The Slicer side writes a job (``job.json``) into a job folder and starts the backend with
 ``semisupseg run job.json --events -``. The backend answers with one JSON object per line
-(events). Both sides import only this module, which uses the standard library alone, so
-that a remote runner can carry the same job folder and event stream later.
+(events). Both sides import only this module and ``method_catalogue`` (the methods a job may
+name), which use the standard library alone, so that a remote runner can carry the same job
+folder and event stream later.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def unknown_setting(name: str, known: list, owner: str = "") -> str:
     """The message for a setting ``name`` that is none of ``known`` (of ``owner``)."""
     of = f" of {owner}" if owner else ""
     if not known:
-        return f"unknown setting {shorten(repr(name))}: {owner or 'this'} has no such settings"
+        return f"unknown setting {shorten(repr(name))}: {owner} has no settings of its own"
     return f"unknown setting {shorten(repr(name))}{of}; known settings: {sorted(known)}"
 
 
