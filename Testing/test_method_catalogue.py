@@ -153,6 +153,15 @@ def test_bad_method_options_are_named_when_the_settings_are_checked(
     assert message in str(err.value)
 
 
+def test_a_method_option_and_a_training_setting_are_checked_alike():
+    with pytest.raises(ConfigError) as setting:
+        TrainConfig.from_dict({"method": BASELINE_METHOD, "dropout": 1.0}).validate()
+    with pytest.raises(ConfigError) as option:
+        TrainConfig.from_dict({"method": "ua-mt", "method.dropout": 1.0}).validate()
+    assert str(setting.value) == "dropout must be in [0, 1), got 1.0"
+    assert str(option.value) == "method.dropout must be in [0, 1), got 1.0"
+
+
 TOY_METHOD = '''
 """A toy method, a plugin of its own: the supervised step plus entropy minimisation on the
 unlabeled patches."""

@@ -178,25 +178,40 @@ _MN_OPTIONS = (
     ),
 )
 
-_TEACHER_STUDENT_OPTIONS = (
-    OptionInfo(
-        "dropout",
-        None,
-        "dropout of the 3D network; None: the run's dropout",
-        NOT_PUBLISHED,
-    ),
-    OptionInfo("ema_decay", 0.99, "decay of the teacher's exponential moving average"),
-    OptionInfo("mc_passes", 1, "the teacher's Monte Carlo passes over the unlabeled patches"),
-    OptionInfo(
-        "mc_chunk",
-        0,
-        "at most this many passes per batched forward (0: all at once)",
-        NOT_PUBLISHED,
-    ),
+_MC_PASSES = "the teacher's Monte Carlo passes over the unlabeled patches"
+_UNCERTAINTY = "the teacher's uncertainty: mean-entropy, entropy-of-mean or mutual-information"
+_DROPOUT = "dropout of the 3D network; None: the run's dropout"
+_CONSISTENCY = "mse: of the softmax to the teacher's (MT, UA-MT); ce: to the teacher's argmax (em)"
+
+_MONTE_CARLO_TEACHER_OPTIONS = (
+    OptionInfo("mc_passes", 1, _MC_PASSES),
     OptionInfo(
         "teacher_noise",
         0.01,
         "std of the Gaussian noise added to the teacher's input",
+        NOT_PUBLISHED,
+    ),
+    OptionInfo("uncertainty", "entropy-of-mean", _UNCERTAINTY),
+    OptionInfo(
+        "threshold_scale",
+        None,
+        "final value of the uncertainty threshold; None: ln C (C classes)",
+    ),
+    OptionInfo(
+        "ramp_fraction",
+        1.0,
+        "share of the run after which the ramped weights and threshold reach their final values",
+        NOT_PUBLISHED,
+    ),
+)
+
+_TEACHER_STUDENT_OPTIONS = _MONTE_CARLO_TEACHER_OPTIONS + (
+    OptionInfo("dropout", None, _DROPOUT, NOT_PUBLISHED),
+    OptionInfo("ema_decay", 0.99, "decay of the teacher's exponential moving average"),
+    OptionInfo(
+        "mc_chunk",
+        0,
+        "at most this many passes per batched forward (0: all at once)",
         NOT_PUBLISHED,
     ),
     OptionInfo(
@@ -206,32 +221,12 @@ _TEACHER_STUDENT_OPTIONS = (
         NOT_PUBLISHED,
     ),
     OptionInfo(
-        "uncertainty",
-        "entropy-of-mean",
-        "the teacher's uncertainty: mean-entropy, entropy-of-mean or mutual-information",
-    ),
-    OptionInfo(
         "uncertainty_filter",
         True,
         "learn the consistency only on voxels whose uncertainty is under the rising threshold",
     ),
-    OptionInfo(
-        "threshold_scale",
-        None,
-        "final value of the uncertainty threshold; None: ln C (C classes)",
-    ),
-    OptionInfo(
-        "consistency",
-        "mse",
-        "mse: of the softmax to the teacher's (MT, UA-MT); ce: to the teacher's argmax (em)",
-    ),
+    OptionInfo("consistency", "mse", _CONSISTENCY),
     OptionInfo("consistency_weight", 0.1, "final value of the ramped consistency weight"),
-    OptionInfo(
-        "ramp_fraction",
-        1.0,
-        "share of the run after which the ramped weights and threshold reach their final values",
-        NOT_PUBLISHED,
-    ),
     OptionInfo(
         "unlabeled_batch",
         None,
@@ -278,24 +273,10 @@ _BUILT_IN = (
         needs_2d_encoder=False,
         options=_with(
             _TEACHER_STUDENT_OPTIONS,
-            OptionInfo("dropout", 0.15, "dropout of the 3D network; None: the run's dropout"),
-            OptionInfo(
-                "mc_passes",
-                2,
-                "the teacher's Monte Carlo passes over the unlabeled patches",
-                "5",
-            ),
-            OptionInfo(
-                "uncertainty",
-                "mean-entropy",
-                "the teacher's uncertainty: mean-entropy, entropy-of-mean or mutual-information",
-            ),
-            OptionInfo(
-                "consistency",
-                "ce",
-                "mse: of the softmax to the teacher's (MT, UA-MT); ce: to the teacher's argmax "
-                "(em)",
-            ),
+            OptionInfo("dropout", 0.15, _DROPOUT),
+            OptionInfo("mc_passes", 2, _MC_PASSES, "5"),
+            OptionInfo("uncertainty", "mean-entropy", _UNCERTAINTY),
+            OptionInfo("consistency", "ce", _CONSISTENCY),
             OptionInfo(
                 "consistency_weight",
                 0.25,
@@ -327,6 +308,11 @@ _BUILT_IN = (
         uses_unlabeled=True,
         needs_2d_encoder=True,
         options=_MN_OPTIONS
+        + _with(
+            _MONTE_CARLO_TEACHER_OPTIONS,
+            OptionInfo("mc_passes", 2, _MC_PASSES, "5"),
+            OptionInfo("uncertainty", "mean-entropy", _UNCERTAINTY),
+        )
         + _EM_MATCHING_OPTIONS
         + (
             OptionInfo(
@@ -334,25 +320,6 @@ _BUILT_IN = (
                 0.15,
                 "dropout of the 3D network (the 2D model has none: its passes differ by noise)",
                 NOT_PUBLISHED,
-            ),
-            OptionInfo(
-                "mc_passes", 2, "the teacher's Monte Carlo passes over the unlabeled patches", "5"
-            ),
-            OptionInfo(
-                "teacher_noise",
-                0.01,
-                "std of the Gaussian noise added to the teacher's input",
-                NOT_PUBLISHED,
-            ),
-            OptionInfo(
-                "uncertainty",
-                "mean-entropy",
-                "the teacher's uncertainty: mean-entropy, entropy-of-mean or mutual-information",
-            ),
-            OptionInfo(
-                "threshold_scale",
-                None,
-                "final value of the uncertainty threshold; None: ln C (C classes)",
             ),
             OptionInfo(
                 "disagreement",
@@ -372,13 +339,6 @@ _BUILT_IN = (
                 "entropy_weight",
                 0.125,
                 "final value of the ramped weight of L_EN on the 3D student",
-            ),
-            OptionInfo(
-                "ramp_fraction",
-                1.0,
-                "share of the run after which the ramped weight and threshold reach their "
-                "final values",
-                NOT_PUBLISHED,
             ),
         ),
     ),
@@ -406,12 +366,8 @@ _BUILT_IN = (
         needs_2d_encoder=False,
         options=_with(
             _TEACHER_STUDENT_OPTIONS,
-            OptionInfo(
-                "dropout", 0.15, "dropout of the 3D network; None: the run's dropout", NOT_PUBLISHED
-            ),
-            OptionInfo(
-                "mc_passes", 2, "the teacher's Monte Carlo passes over the unlabeled patches", "8"
-            ),
+            OptionInfo("dropout", 0.15, _DROPOUT, NOT_PUBLISHED),
+            OptionInfo("mc_passes", 2, _MC_PASSES, "8"),
         ),
     ),
 )

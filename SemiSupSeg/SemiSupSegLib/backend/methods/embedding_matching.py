@@ -41,6 +41,7 @@ from SemiSupSegLib.backend.methods.teacher_student import (
     DROPOUT_HELP,
     MC_PASSES_HELP,
     UNCERTAINTY_HELP,
+    MonteCarloTeacherOptions,
     TeacherStudentMethod,
     TeacherStudentOptions,
     ramp,
@@ -340,8 +341,9 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
 
 
 @dataclass(frozen=True)
-class MNEMOptions(MatchingOptions, MNOptions):
-    """mn+em's settings: M&N's, the matching's, and which voxels are matched."""
+class MNEMOptions(MatchingOptions, MonteCarloTeacherOptions, MNOptions):
+    """mn+em's settings: M&N's, the Monte Carlo teacher's, the matching's, and which voxels
+    are matched."""
 
     dropout: float = option(
         0.15,
@@ -350,15 +352,7 @@ class MNEMOptions(MatchingOptions, MNOptions):
         SHARE,
     )
     mc_passes: int = option(2, MC_PASSES_HELP, "5", Range(1))
-    teacher_noise: float = option(
-        0.01, "std of the Gaussian noise added to the teacher's input", NOT_PUBLISHED, Range(0)
-    )
     uncertainty: str = option("mean-entropy", UNCERTAINTY_HELP, check=OneOf(UNCERTAINTY_KINDS))
-    threshold_scale: Optional[float] = option(
-        None,
-        "final value of the uncertainty threshold; None: ln C (C classes)",
-        check=Range(0, low_open=True),
-    )
     disagreement: bool = option(
         False,
         "voxels where the 2D and 3D models' argmax differ are unsure too (on the benchmark it "
@@ -373,12 +367,6 @@ class MNEMOptions(MatchingOptions, MNOptions):
     )
     entropy_weight: float = option(
         0.125, "final value of the ramped weight of L_EN on the 3D student", check=Range(0)
-    )
-    ramp_fraction: float = option(
-        1.0,
-        "share of the run after which the ramped weight and threshold reach their final values",
-        NOT_PUBLISHED,
-        Range(0),
     )
 
 

@@ -91,7 +91,30 @@ CONSISTENCY_HELP = (
 
 
 @dataclass(frozen=True)
-class TeacherStudentOptions:
+class MonteCarloTeacherOptions:
+    """A teacher whose Monte Carlo passes tell which voxels it is sure of, under a threshold
+    that rises with the ramps: settings this loop and ``mn+em`` share."""
+
+    mc_passes: int = option(1, MC_PASSES_HELP, check=Range(1))
+    teacher_noise: float = option(
+        0.01, "std of the Gaussian noise added to the teacher's input", NOT_PUBLISHED, Range(0)
+    )
+    uncertainty: str = option("entropy-of-mean", UNCERTAINTY_HELP, check=OneOf(UNCERTAINTY_KINDS))
+    threshold_scale: Optional[float] = option(
+        None,
+        "final value of the uncertainty threshold; None: ln C (C classes)",
+        check=Range(0, low_open=True),
+    )
+    ramp_fraction: float = option(
+        1.0,
+        "share of the run after which the ramped weights and threshold reach their final values",
+        NOT_PUBLISHED,
+        Range(0),
+    )
+
+
+@dataclass(frozen=True)
+class TeacherStudentOptions(MonteCarloTeacherOptions):
     """The teacher-student loop's settings: default (CPU preset), what each does, and the
     published value (Mean Teacher's and UA-MT's, unless a variant says otherwise)."""
 
@@ -99,32 +122,16 @@ class TeacherStudentOptions:
     ema_decay: float = option(
         0.99, "decay of the teacher's exponential moving average", check=Range(0, 1)
     )
-    mc_passes: int = option(1, MC_PASSES_HELP, check=Range(1))
     mc_chunk: int = option(
         0, "at most this many passes per batched forward (0: all at once)", NOT_PUBLISHED, Range(0)
-    )
-    teacher_noise: float = option(
-        0.01, "std of the Gaussian noise added to the teacher's input", NOT_PUBLISHED, Range(0)
     )
     student_noise: float = option(
         0.02, "std of the Gaussian noise added to the student's input", NOT_PUBLISHED, Range(0)
     )
-    uncertainty: str = option("entropy-of-mean", UNCERTAINTY_HELP, check=OneOf(UNCERTAINTY_KINDS))
     uncertainty_filter: bool = option(True, FILTER_HELP)
-    threshold_scale: Optional[float] = option(
-        None,
-        "final value of the uncertainty threshold; None: ln C (C classes)",
-        check=Range(0, low_open=True),
-    )
     consistency: str = option("mse", CONSISTENCY_HELP, check=OneOf(("mse", "ce")))
     consistency_weight: float = option(
         0.1, "final value of the ramped consistency weight", check=Range(0)
-    )
-    ramp_fraction: float = option(
-        1.0,
-        "share of the run after which the ramped weights and threshold reach their final values",
-        NOT_PUBLISHED,
-        Range(0),
     )
     unlabeled_batch: Optional[int] = option(
         None,
