@@ -12,7 +12,8 @@ read this module instead of lists of their own.
 The backend's registry (``backend/methods/base.py``, ``register_method``) holds the code and
 each method's options dataclass, and is checked against this file by a test
 (``Testing/test_method_catalogue.py``): the same names, capabilities, options, defaults and
-documentation. A method registered only in the backend, a plugin (e.g. a toy method in a
+documentation. A built-in option is so written twice, here and in its dataclass; the test
+names the entry the code implies when they differ. A method registered only in the backend, a plugin (e.g. a toy method in a
 test), is added here by ``register_method`` through ``add``: in that process the command line's
 choices, the check of a job and the scripts list it, and nothing else needs an edit. The Slicer
 process never imports the backend, so it lists the built-in methods only. The other way round,
@@ -70,10 +71,6 @@ class MethodInfo:
             if option.name == name:
                 return option
         raise KeyError(f"method {self.name!r} has no option {name!r}")
-
-    def defaults(self) -> Dict[str, Any]:
-        """Every option's default, by name."""
-        return {option.name: option.default for option in self.options}
 
 
 def _with(options: Tuple[OptionInfo, ...], *changed: OptionInfo) -> Tuple[OptionInfo, ...]:
