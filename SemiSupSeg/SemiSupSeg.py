@@ -28,25 +28,25 @@ from slicer.util import VTKObservationMixin
 from SemiSupSegLib import dependencies, mrml_io
 from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment, slicerPython
 from SemiSupSegLib.job_export import ExportCancelled, JobExporter, LabeledPair
+from SemiSupSegLib.method_catalogue import DEFAULT_METHOD, describe_methods, method_names
 from SemiSupSegLib.progress import planSummary
-from SemiSupSegLib.protocol import METHODS, MODALITIES
+from SemiSupSegLib.protocol import MODALITIES
 from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
 from SemiSupSegLib.training_options import (
     CUSTOM_PRESET,
     DEFAULT_ENCODER_2D,
     DEFAULT_ITERATIONS,
-    DEFAULT_METHOD,
     DEFAULT_NETWORK_3D,
     DEFAULT_PRESET,
     DEVICE_NAMES,
     MEMORY_LIMITED,
-    METHODS_WITH_2D_ENCODER,
     NETWORKS_3D,
     PRESET_NAMES,
     TrainingOptions,
     budgetLimitOf,
     describeBudgets,
     describeGpu,
+    needsEncoder,
     parseExtraSettings,
 )
 from SemiSupSegLib.workflow import Workflow
@@ -109,7 +109,7 @@ class SemiSupSegParameterNode:
     pendingSegmentation: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
     unlabeledVolumes: list[vtkMRMLScalarVolumeNode]
     unlabeledFolder: pathlib.Path
-    method: Annotated[str, Choice(list(METHODS))] = DEFAULT_METHOD
+    method: Annotated[str, Choice(list(method_names()))] = DEFAULT_METHOD
     modality: Annotated[str, Choice(list(MODALITIES))] = "MR"
     network3D: Annotated[str, Choice(list(NETWORKS_3D))] = DEFAULT_NETWORK_3D
     encoder2D: str = DEFAULT_ENCODER_2D
@@ -168,6 +168,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.connect("timeout()", self.onPollTimer)
 
         self.ui.presetComboBox.toolTip = describeBudgets()
+        self.ui.methodComboBox.toolTip = describe_methods()
         self._showPlan(None)
         for table in (self.ui.labeledTable, self.ui.resultsTable):
             table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
@@ -270,7 +271,7 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 iterations = self.logic.budgetIterations(p)
                 if p.iterations != iterations:
                     p.iterations = iterations
-            self.ui.encoder2DLineEdit.enabled = p.method in METHODS_WITH_2D_ENCODER
+            self.ui.encoder2DLineEdit.enabled = needsEncoder(p.method)
             self.ui.externalPythonPathLineEdit.enabled = p.useExternalPython
             self._syncUnlabeledSelector()
             self._fillLabeledTable()

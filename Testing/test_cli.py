@@ -104,6 +104,7 @@ def test_run_job_writes_model_predictions_and_scores(cases, tmp_path):
     """What the Slicer module does: write a job, run it, read the outputs named in the events."""
     (a, b, c) = cases
     job = JobSpec(
+        method="supervised",
         labeled=[LabeledCase(n, str(cases[n][0]), str(cases[n][1])) for n in (a, b)],
         unlabeled=[UnlabeledCase(c, str(cases[c][0]))],
         classes={"0": "background", "1": "Anterior", "2": "Posterior"},

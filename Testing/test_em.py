@@ -61,7 +61,7 @@ def test_em_final_weights_and_dropout_option():
     assert create_method(override, 3, torch.device("cpu")).deploy_network().spec["dropout"] == 0
     mt = TrainConfig.from_dict({"method": "mean-teacher", "dropout": 0.05})
     assert create_method(mt, 3, torch.device("cpu")).deploy_network().spec["dropout"] == 0.05
-    with pytest.raises(ConfigError, match="unknown option"):
+    with pytest.raises(ConfigError, match="unknown setting 'method.nonsense' of method 'em'"):
         create_method(config.with_setting("method.nonsense", 1), 3, torch.device("cpu"))
 
 

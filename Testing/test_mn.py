@@ -95,7 +95,7 @@ def test_batch_composition_follows_the_stages():
         "co-training",
         "co-training",
     ]
-    with pytest.raises(ConfigError, match="unknown mn setting"):
+    with pytest.raises(ConfigError, match="unknown setting 'method.no_such_option' of method 'mn'"):
         create_method(_config(no_such_option=1), 3, torch.device("cpu"))
 
     added = create_method(_config(unlabeled_mode="add"), 3, torch.device("cpu"))

@@ -87,6 +87,7 @@ def test_job_init_from_refuses_a_crafted_model(data):
     crafted = _craft(data / "shared" / MODEL_FILE, marker)
     settings = {"iterations": 1, "batch_size": 1, "patch_size": [16, 16, 16]}
     job = JobSpec(
+        method="supervised",
         labeled=[LabeledCase("case0", "images/case0.nii.gz", "labels/case0.nii.gz")],
         classes={"0": "background", "1": "a", "2": "b"},
         output="out",

@@ -23,6 +23,7 @@ import pytest
 
 from SemiSupSegLib import mrml_io
 from SemiSupSegLib.dependencies import PROBE_MARKER, ProbeResult
+from SemiSupSegLib.method_catalogue import DEFAULT_METHOD
 from SemiSupSegLib.output_layout import MODEL_FILE
 from SemiSupSegLib.progress import ProgressModel
 from SemiSupSegLib.protocol import encode_event, make_event
@@ -131,7 +132,7 @@ def test_the_logic_runs_a_round_like_a_console_user(module, tmp_path, monkeypatc
     logic = semisupseg.SemiSupSegLogic()
     p = logic.getParameterNode()
     assert (p.method, p.preset, p.device, p.colourMap) == (
-        "mn",  # the benchmark's best (training_options.DEFAULT_METHOD)
+        DEFAULT_METHOD,
         "standard",
         "auto",
         "Inferno",

@@ -50,7 +50,13 @@ def trained_run(hippocampus, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     events_path = run / "events.jsonl"
     config = TrainConfig.from_dict(
-        {"iterations": ITERATIONS, "batch_size": 2, "log_every": 5, "learning_rate": 3e-3}
+        {
+            "method": "supervised",
+            "iterations": ITERATIONS,
+            "batch_size": 2,
+            "log_every": 5,
+            "learning_rate": 3e-3,
+        }
     )
     dataset = Dataset(train_cases[:8], [], full.classes, "MR")
     sink = EventSink(str(events_path), quiet=True)
@@ -276,7 +282,7 @@ def test_warm_start_names_the_new_cases(trained_run, hippocampus, tmp_path):
     events_path = tmp_path / "events.jsonl"
     sink = EventSink(str(events_path), quiet=True)
     dataset = Dataset(train_cases[:10], [], full.classes, "MR")
-    config = TrainConfig(iterations=2, batch_size=2, weight_average=0.9)
+    config = TrainConfig(method="supervised", iterations=2, batch_size=2, weight_average=0.9)
     train(dataset, config, tmp_path / "warm", sink, init_from=run)
     sink.close()
     logs = [json.loads(line).get("message", "") for line in events_path.read_text().splitlines()]

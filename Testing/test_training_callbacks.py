@@ -45,7 +45,9 @@ class Recorder(TrainingCallback):
 def tiny(tmp_path: Path):
     write_tiny_dataset(tmp_path)
     dataset = from_folders(tmp_path / "images", tmp_path / "labels", classes=CLASSES)
-    config = TrainConfig.from_dict({**TINY_SETTINGS, "iterations": 3, "device": "cpu"})
+    config = TrainConfig.from_dict(
+        {**TINY_SETTINGS, "method": "supervised", "iterations": 3, "device": "cpu"}
+    )
     return dataset, config, tmp_path / "run"
 
 

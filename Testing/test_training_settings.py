@@ -15,6 +15,7 @@ from SemiSupSegLib.backend.preprocessing import labeled_transforms, unlabeled_tr
 from SemiSupSegLib.backend.training import _preprocessing
 
 TINY = {
+    "method": "supervised",
     "patch_size": [16, 16, 16],
     "feature_channels": 8,
     "batch_size": 1,

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SemiSupSeg"))
 
 from SemiSupSegLib.backend.splits import Split, benchmark_split  # noqa: E402
+from SemiSupSegLib.method_catalogue import BASELINE_METHOD  # noqa: E402
 from SemiSupSegLib.output_layout import (  # noqa: E402
     CHECKPOINT_FILE,
     EVALUATION_FOLDER,
@@ -241,7 +242,7 @@ def paired_lines(results: list) -> list:
     baseline = {
         (r["labels"], r["iterations"], r["network"], r["seed"]): r
         for r in results
-        if r["method"] == "supervised" and not r.get("variant") and r.get("case_dice")
+        if r["method"] == BASELINE_METHOD and not r.get("variant") and r.get("case_dice")
     }
     rows = []
     for r in sorted(results, key=lambda r: (-r["iterations"], method_label(r), r["labels"])):
@@ -552,11 +553,11 @@ def recommendation_lines(results: list) -> list:
     lines = []
     supervised: dict = {}
     for r in results:
-        if r["method"] == "supervised" and not r.get("variant"):
+        if r["method"] == BASELINE_METHOD and not r.get("variant"):
             supervised.setdefault((r["labels"], r["iterations"]), {})[r["seed"]] = mean_dice(r)
     candidates: dict = {}
     for r in results:
-        if r["method"] != "supervised":
+        if r["method"] != BASELINE_METHOD:
             key = (r["labels"], r["iterations"])
             candidates.setdefault(key, {}).setdefault(method_label(r), {})[r["seed"]] = mean_dice(r)
     for key in sorted(set(supervised) | set(candidates)):
@@ -604,11 +605,11 @@ def protocol_paired_lines(results: list) -> list:
 
     supervised: dict = {}
     for r in results:
-        if r["method"] == "supervised" and not r.get("variant") and r.get("case_dice"):
+        if r["method"] == BASELINE_METHOD and not r.get("variant") and r.get("case_dice"):
             supervised.setdefault(group_key(r), {})[r["seed"]] = r
     groups: dict = {}
     for r in results:
-        if r.get("case_dice") and not (r["method"] == "supervised" and not r.get("variant")):
+        if r.get("case_dice") and not (r["method"] == BASELINE_METHOD and not r.get("variant")):
             groups.setdefault((method_label(r),) + group_key(r), {})[r["seed"]] = r
     rows = []
     for (label, labels, its, network), runs in sorted(groups.items()):
@@ -810,7 +811,7 @@ def main() -> None:
         choices=["auto", "off"],
         help="passed to train --plan (default: auto with --score, off for the earlier protocol)",
     )
-    parser.add_argument("--methods", nargs="+", default=["supervised"])
+    parser.add_argument("--methods", nargs="+", default=[BASELINE_METHOD])
     parser.add_argument(
         "--labels",
         nargs="+",

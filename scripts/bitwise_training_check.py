@@ -28,6 +28,7 @@ from SemiSupSegLib.backend.config import TrainConfig  # noqa: E402
 from SemiSupSegLib.backend.datasets import from_folders  # noqa: E402
 from SemiSupSegLib.backend.events import EventSink  # noqa: E402
 from SemiSupSegLib.backend.training import train  # noqa: E402
+from SemiSupSegLib.method_catalogue import method_names  # noqa: E402
 
 try:
     from SemiSupSegLib.output_layout import CHECKPOINT_FILE
@@ -116,6 +117,12 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, help="digests of the other tree, to compare")
     parser.add_argument("--methods", nargs="*", default=list(RUNS))
     args = parser.parse_args()
+    uncovered = set(method_names()) - {
+        settings.get("method", name) for name, settings in RUNS.items()
+    }
+    if uncovered:
+        print(f"methods without a run in RUNS (add one): {sorted(uncovered)}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         write_tiny_dataset(folder, count=3)

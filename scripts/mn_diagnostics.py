@@ -42,6 +42,7 @@ from SemiSupSegLib.backend.events import EventSink  # noqa: E402
 from SemiSupSegLib.backend.planning import plan_training  # noqa: E402
 from SemiSupSegLib.backend.preprocessing import xyz_to_zyx  # noqa: E402
 from SemiSupSegLib.backend.training import train  # noqa: E402
+from SemiSupSegLib.method_catalogue import DEFAULT_METHOD, methods  # noqa: E402
 from SemiSupSegLib.output_layout import RUN_FOLDER  # noqa: E402
 
 
@@ -71,7 +72,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--cases", type=int, default=5)
-    parser.add_argument("--method", default="mn", choices=["mn", "mn+em"])
+    co_training = [m.name for m in methods() if m.needs_2d_encoder]  # a 2D and a 3D model
+    parser.add_argument(
+        "--method",
+        default=DEFAULT_METHOD if DEFAULT_METHOD in co_training else co_training[0],
+        choices=co_training,
+    )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()

@@ -58,11 +58,11 @@ from SemiSupSegLib.backend.methods import Method, create_method  # noqa: E402
 from SemiSupSegLib.backend.splits import benchmark_split  # noqa: E402
 from SemiSupSegLib.backend.training_callbacks import TrainingCallback  # noqa: E402
 from SemiSupSegLib.backend.volumes import read_image  # noqa: E402
+from SemiSupSegLib.method_catalogue import method_names  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
 RESULTS = ROOT / "docs" / "performance-results.json"
 REPORT = ROOT / "docs" / "performance.md"
-METHODS = ["supervised", "mean-teacher", "ua-mt", "em", "mn", "mn+em"]
 ITEMS = ["overhead", "memory", "prediction"]
 TARGETS = {"overhead": 1.25, "memory": 1.10, "prediction": 1.30}
 LABELED = 8
@@ -898,7 +898,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=Path(os.environ.get("SEMISUPSEG_DATA", DEFAULT_DATA)),
         help="MSD Hippocampus folder (default $SEMISUPSEG_DATA, else ../shared/data/...)",
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", choices=method_names(), default=list(method_names())
+    )
     parser.add_argument("--warmup", type=int, default=5, help="iterations before the window")
     parser.add_argument("--iterations", type=int, default=30, help="iterations measured")
     parser.add_argument(

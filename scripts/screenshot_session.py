@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "SemiSupSeg"))
 from SemiSupSegLib import mrml_io  # noqa: E402
 from SemiSupSegLib.backend_process import BackendProcess  # noqa: E402
 from SemiSupSegLib.job_export import LabeledPair  # noqa: E402
+from SemiSupSegLib.method_catalogue import DEFAULT_METHOD  # noqa: E402
 from SemiSupSegLib.training_options import TrainingOptions  # noqa: E402
 from SemiSupSegLib.workflow import Workflow  # noqa: E402
 
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--labeled", type=int, default=8)
     parser.add_argument("--unlabeled", type=int, default=12)
-    parser.add_argument("--method", default="mn")
+    parser.add_argument("--method", default=DEFAULT_METHOD)
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--settings", default="{}", help="more job settings, as JSON")
     args = parser.parse_args(argv)

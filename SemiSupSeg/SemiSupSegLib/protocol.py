@@ -2,9 +2,10 @@
 
 The Slicer side writes a job (``job.json``) into a job folder and starts the backend with
 ``semisupseg run job.json --events -``. The backend answers with one JSON object per line
-(events). Both sides import only this module, which uses the standard library alone, so
-that a remote runner can carry the same job folder and event stream later. The names of the
-files the backend writes, and the columns of its tables, are in ``output_layout`` beside it.
+(events). Both sides import only this module and ``method_catalogue`` (the methods a job may
+name), which use the standard library alone, so that a remote runner can carry the same job
+folder and event stream later. The names of the files the backend writes, and the columns of
+its tables, are in ``output_layout`` beside it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from SemiSupSegLib.method_catalogue import (
+    BASELINE_METHOD,
+    DEFAULT_METHOD,
+    method_info,
+    method_names,
+)
+
 PROTOCOL_VERSION = 1
 
-METHODS = ("supervised", "mn", "em", "mn+em", "mean-teacher", "ua-mt")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 MODALITIES = ("MR", "CT", "other")
 #: Training budgets in the user's terms, as iterations on a time-limited device (CPU, Apple
@@ -93,7 +100,7 @@ class JobSpec:
     labeled: List[LabeledCase]
     unlabeled: List[UnlabeledCase] = field(default_factory=list)
     classes: Dict[str, str] = field(default_factory=lambda: {"0": "background", "1": "foreground"})
-    method: str = "supervised"
+    method: str = DEFAULT_METHOD
     device: str = "auto"
     modality: str = "MR"
     output: str = "outputs"
@@ -151,7 +158,7 @@ class JobSpec:
             raise ProtocolError(
                 f"job.version: this backend speaks protocol {PROTOCOL_VERSION}, the job says {shorten(repr(version))}"
             )
-        method = _choice(data, "method", METHODS, "supervised")
+        method = _choice(data, "method", method_names(), DEFAULT_METHOD)
         device = _choice(data, "device", DEVICES, "auto")
         modality = _choice(data, "modality", MODALITIES, "MR")
         classes = _classes(data.get("classes", {"0": "background", "1": "foreground"}))
@@ -165,10 +172,10 @@ class JobSpec:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ProtocolError(f"job: duplicate case names {duplicates}")
-        if method != "supervised" and not unlabeled:
+        if method_info(method).uses_unlabeled and not unlabeled:
             raise ProtocolError(
                 f"job.unlabeled: method {method!r} learns from unlabeled images and the job has "
-                "none; add unlabeled volumes, or choose 'supervised'"
+                f"none; add unlabeled volumes, or choose {BASELINE_METHOD!r}"
             )
         output = data.get("output", "outputs")
         if not isinstance(output, str) or not output:

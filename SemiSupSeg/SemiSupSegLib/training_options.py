@@ -7,20 +7,21 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
-from SemiSupSegLib.protocol import DEFAULT_BUDGET, DEVICES, METHODS, TIME_BUDGETS
-
-# The best-scoring method on the benchmark (docs/benchmarks.md): M&N co-training beats
-# supervised training at 8 and 16 labeled cases at the same budget; em and mn+em do not. The
-# panel and the Logic read this constant.
-DEFAULT_METHOD = "mn"
-METHODS_WITH_2D_ENCODER = ("mn", "mn+em")
+from SemiSupSegLib.method_catalogue import (
+    DEFAULT_METHOD,
+    ENCODER_OPTION,
+    method_info,
+    method_names,
+    methods,
+)
+from SemiSupSegLib.protocol import DEFAULT_BUDGET, DEVICES, TIME_BUDGETS
 
 NETWORKS_3D = ("unet", "segresnet", "swinunetr")
 DEFAULT_NETWORK_3D = "unet"
-ENCODERS_2D = ("mobilenetv2_100", "resnet18", "resnet50", "convnext_tiny", "mit_b2")
-DEFAULT_ENCODER_2D = "mobilenetv2_100"
-# The backend's setting that names the timm encoder of the 2D model (method option).
-ENCODER_SETTING = "method.encoder"
+# The backend's setting that names the timm encoder of a method's 2D model, and the encoder
+# the panel proposes: the default of the methods that have one.
+ENCODER_SETTING = f"method.{ENCODER_OPTION}"
+DEFAULT_ENCODER_2D = next(m.option(ENCODER_OPTION).default for m in methods() if m.needs_2d_encoder)
 
 # Time-budget presets: the protocol's budgets (the backend picks their iterations for the
 # device it trains on), or a custom number of iterations.
@@ -69,8 +70,8 @@ class TrainingOptions:
     retraining: bool = False
 
     def validate(self) -> "TrainingOptions":
-        if self.method not in METHODS:
-            raise OptionsError(f"method {self.method!r} is not one of {list(METHODS)}")
+        if self.method not in method_names():
+            raise OptionsError(f"method {self.method!r} is not one of {list(method_names())}")
         if self.device not in DEVICES:
             raise OptionsError(f"device {self.device!r} is not one of {list(DEVICES)}")
         if self.preset not in PRESET_NAMES:
@@ -81,7 +82,7 @@ class TrainingOptions:
             )
         if not self.network.strip():
             raise OptionsError("the 3D network name is empty")
-        if self.method in METHODS_WITH_2D_ENCODER and not self.encoder.strip():
+        if needsEncoder(self.method) and not self.encoder.strip():
             raise OptionsError(f"method {self.method} needs a 2D encoder name")
         if self.totalIterations() < 1:
             raise OptionsError("iterations must be at least 1")
@@ -123,10 +124,16 @@ class TrainingOptions:
         if self.preset == CUSTOM_PRESET or self.retraining:
             settings["iterations"] = self.totalIterations()
         settings["network"] = self.network.strip()
-        if self.method in METHODS_WITH_2D_ENCODER:
+        if needsEncoder(self.method):
             settings[ENCODER_SETTING] = self.encoder.strip()
         settings.update(self.extraSettings)
         return settings
+
+
+def needsEncoder(method: str) -> bool:
+    """Whether ``method`` co-trains a 2D model, whose encoder the panel names."""
+    info = method_info(method)
+    return info is not None and info.needs_2d_encoder
 
 
 def parseExtraSettings(text: str) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The ``semisupseg`` command line: train, predict, evaluate, run JOB.json, demo."""
+"""The ``semisupseg`` command line: train, predict, evaluate, compare, run JOB.json, demo,
+methods."""
 
 from __future__ import annotations
 
@@ -8,12 +9,21 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from SemiSupSegLib.method_catalogue import (
+    AS_PUBLISHED,
+    BASELINE_METHOD,
+    DEFAULT_METHOD,
+    NOT_PUBLISHED,
+    method_info,
+    method_names,
+    methods,
+)
 from SemiSupSegLib.protocol import (
     DEFAULT_BUDGET,
     EXIT_CANCELLED,
     EXIT_FAILED,
     EXIT_OK,
-    METHODS,
+    MODALITIES,
     TIME_BUDGETS,
     ProtocolError,
     shorten,
@@ -70,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int)
         p.add_argument(
             "--modality",
-            choices=["MR", "CT", "other"],
+            choices=MODALITIES,
             help="intensity normalisation; default from dataset.json, else MR (z-score)",
         )
         p.add_argument("--spacing", help="resample to this spacing in mm, e.g. 1,1,1 (x,y,z)")
@@ -92,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(train)
     train.add_argument(
         "--method",
-        default="mn",
-        choices=METHODS,
-        help="mn (default: the benchmark's best), supervised (no unlabeled images needed), em, "
-        "mn+em, mean-teacher, ua-mt",
+        default=DEFAULT_METHOD,
+        choices=method_names(),
+        help=f"training method (default {DEFAULT_METHOD}; {BASELINE_METHOD}: no unlabeled images "
+        "needed); 'semisupseg methods' describes them and their method.* settings",
     )
     train.add_argument(
         "--budget",
@@ -155,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods",
         nargs="+",
-        default=["supervised", "mn"],
-        choices=METHODS,
-        help="methods to compare (default: supervised mn); supervised is the baseline",
+        default=[BASELINE_METHOD, DEFAULT_METHOD],
+        choices=method_names(),
+        help=f"methods to compare (default: {BASELINE_METHOD} {DEFAULT_METHOD}); "
+        f"{BASELINE_METHOD} is the baseline",
     )
     compare.add_argument(
         "--holdout",
@@ -187,8 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     demo.add_argument("--iterations", type=int, help="training iterations (default 1500)")
-    demo.add_argument("--method", default="supervised", choices=METHODS)
+    demo.add_argument(
+        "--method",
+        default=BASELINE_METHOD,
+        choices=method_names(),
+        help=f"training method (default {BASELINE_METHOD}, the quickest)",
+    )
     common(demo)
+
+    listing = sub.add_parser(
+        "methods", help="the training methods, and the method.* settings of one of them"
+    )
+    listing.add_argument(
+        "method", nargs="?", choices=method_names(), help="show this method's settings"
+    )
     return parser
 
 
@@ -220,6 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "compare": _compare,
             "run": _run_job,
             "demo": _demo,
+            "methods": _methods,
         }[args.command]
         handler(args, events)
         events.emit("done", stage=args.command)
@@ -396,6 +420,24 @@ def _demo(args: argparse.Namespace, events) -> None:
             method=args.method,
             device=args.device,
         )
+
+
+def _methods(args: argparse.Namespace, events) -> None:
+    """The catalogue as text: every method in a line, or one method's settings."""
+    if args.method is None:
+        for info in methods():
+            default = " (default)" if info.name == DEFAULT_METHOD else ""
+            print(f"{info.name}{default}: {info.description}")
+        return
+    info = method_info(args.method)
+    needs = "unlabeled images" if info.uses_unlabeled else "labeled images only"
+    encoder = ", a 2D model (method.encoder)" if info.needs_2d_encoder else ""
+    print(f"{info.name}: {info.description}\nneeds {needs}{encoder}")
+    for option in info.options:
+        published = {AS_PUBLISHED: " (as published)", NOT_PUBLISHED: ""}.get(
+            option.published, f" (published: {option.published})"
+        )
+        print(f"  method.{option.name} = {option.default!r}{published}: {option.help}")
 
 
 if __name__ == "__main__":

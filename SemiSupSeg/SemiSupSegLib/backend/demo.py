@@ -21,6 +21,7 @@ from SemiSupSegLib.backend.datasets import (
 from SemiSupSegLib.backend.errors import DataError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.splits import benchmark_split
+from SemiSupSegLib.method_catalogue import BASELINE_METHOD
 from SemiSupSegLib.output_layout import (
     EVALUATION_FOLDER,
     METRICS_FILE,
@@ -88,23 +89,25 @@ def run_demo(
     events: EventSink,
     stop: Any = None,
     iterations: Optional[int] = None,
-    method: str = "supervised",
+    method: str = BASELINE_METHOD,
     device: str = "auto",
 ) -> dict:
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
+    from SemiSupSegLib.backend.methods import method_class
     from SemiSupSegLib.backend.metrics import evaluate_folders, format_summary
     from SemiSupSegLib.backend.training import train
     from SemiSupSegLib.backend.validation import check_dataset
 
     source = locate_hippocampus(data, events)
     dataset, test = demo_dataset(source)
-    if method == "supervised":
+    uses_unlabeled = method_class(method).uses_unlabeled
+    if not uses_unlabeled:
         dataset = Dataset(dataset.labeled, [], dataset.classes, dataset.modality, dataset.source)
     events.log(
         f"MSD Hippocampus from {source}: {len(dataset.labeled)} labeled, "
         f"{len(dataset.unlabeled)} unlabeled training cases, {len(test)} test cases"
     )
-    check_dataset(dataset, events, check_unlabeled=method != "supervised")
+    check_dataset(dataset, events, check_unlabeled=uses_unlabeled)
     values = {"method": method, "device": device, "modality": dataset.modality}
     if iterations:
         values["iterations"] = iterations

@@ -23,6 +23,7 @@ from SemiSupSegLib.backend.atomic_files import write_text_atomic
 from SemiSupSegLib.backend.datasets import Case, Dataset, exclude_cases
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.events import EventSink
+from SemiSupSegLib.method_catalogue import BASELINE_METHOD
 from SemiSupSegLib.output_layout import (
     COMPARISON_FILE,
     EVALUATION_FOLDER,
@@ -35,8 +36,6 @@ from SemiSupSegLib.protocol import DEFAULT_BUDGET
 
 #: Labeled cases that must stay for training after the held-out ones are taken.
 MIN_TRAINING_CASES = 2
-#: The method every other one is compared against.
-BASELINE = "supervised"
 
 
 @dataclass
@@ -59,7 +58,7 @@ class Comparison:
 
     held_out: List[str]
     results: List[MethodResult] = field(default_factory=list)
-    recommended: str = BASELINE
+    recommended: str = BASELINE_METHOD
     reason: str = ""
 
     def to_json(self) -> Dict[str, Any]:
@@ -98,13 +97,13 @@ def recommend(results: Sequence[MethodResult]) -> Tuple[str, str]:
     """The method to use and why: the best of those that beat supervised training in mean Dice
     and on more than half of the held-out cases, else supervised training."""
     by_name = {r.method: r for r in results}
-    if BASELINE not in by_name:
+    if BASELINE_METHOD not in by_name:
         best = max(results, key=lambda r: r.mean_dice)
         return best.method, f"{best.method} scored highest (supervised training was not compared)"
-    base = by_name[BASELINE]
+    base = by_name[BASELINE_METHOD]
     winners = []
     for result in results:
-        if result.method == BASELINE:
+        if result.method == BASELINE_METHOD:
             continue
         better = sum(result.case_dice[c] > base.case_dice[c] for c in base.case_dice)
         gain = result.mean_dice - base.mean_dice
@@ -112,8 +111,8 @@ def recommend(results: Sequence[MethodResult]) -> Tuple[str, str]:
             winners.append((result.mean_dice, result.method, gain, better))
     cases = len(base.case_dice)
     if not winners:
-        others = ", ".join(r.method for r in results if r.method != BASELINE)
-        return BASELINE, (
+        others = ", ".join(r.method for r in results if r.method != BASELINE_METHOD)
+        return BASELINE_METHOD, (
             f"no semi-supervised method ({others}) beat supervised training on the {cases} "
             "held-out case(s): use supervised training for this data"
         )

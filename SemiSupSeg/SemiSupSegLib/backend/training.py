@@ -34,6 +34,7 @@ from SemiSupSegLib.backend.methods import Method, create_method
 from SemiSupSegLib.backend.networks import network_divisors
 from SemiSupSegLib.backend.planning import Plan
 from SemiSupSegLib.backend.training_callbacks import CallbackList, StepCallback, TrainingCallback
+from SemiSupSegLib.method_catalogue import BASELINE_METHOD
 from SemiSupSegLib.output_layout import (
     CASES_FILE,
     CHECKPOINT_FILE,
@@ -230,7 +231,7 @@ class _Run:
             raise ConfigError(
                 f"method {config.method!r} learns from unlabeled images and this dataset has "
                 "none; add some (--unlabeled FOLDER, or unlisted cases of --data) or use "
-                "--method supervised"
+                f"--method {BASELINE_METHOD}"
             )
         average = WeightAverage(method.deploy_network(), config.weight_average)
         hooks = CallbackList(callbacks if world.is_main else ())

@@ -1,8 +1,17 @@
-"""The interface every training method implements, and the pieces they share."""
+"""The interface every training method implements, the registry of methods by name, and the
+pieces they share.
+
+A method is one file: a ``Method`` subclass decorated with ``register_method``, and its options,
+a frozen dataclass whose fields are ``option``-s (default = the CPU preset's value, what it does,
+the published value, its limits). The built-in methods are also written down, for the Slicer
+side, in ``SemiSupSegLib/method_catalogue.py``, which a test checks this registry against; a
+method registered anywhere else (a plugin) is added to that catalogue by ``register_method``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
@@ -11,23 +20,104 @@ from monai.losses import DiceCELoss
 from monai.optimizers import WarmupCosineSchedule
 from torch import nn
 
+from SemiSupSegLib import method_catalogue
 from SemiSupSegLib.backend import distributed
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.networks import SegmentationNetwork, create_network
+from SemiSupSegLib.backend.settings import CHECK, Check, settings_from
+from SemiSupSegLib.method_catalogue import AS_PUBLISHED, MethodInfo, OptionInfo
 
 _REGISTRY: Dict[str, Type[Method]] = {}
 
 
-def register_method(name: str) -> Callable[[Type[Method]], Type[Method]]:
-    """Class decorator: make a method available to ``create_method(name, ...)``."""
+def option(
+    default: Any, help: str, published: str = AS_PUBLISHED, check: Optional[Check] = None
+) -> Any:
+    """A field of a method's options dataclass.
+
+    Args:
+        default: the value on the CPU preset, what a run uses unless told otherwise.
+        help: what the option does (the catalogue's and ``semisupseg methods``' text).
+        published: the value of the method's paper or reference code: ``AS_PUBLISHED`` when it
+            is the default, ``NOT_PUBLISHED`` when none is recorded.
+        check: the limits of its values (``settings.Range``, ``settings.OneOf``), if any.
+    """
+    return field(default=default, metadata={"help": help, "published": published, CHECK: check})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
+
+
+def register_method(
+    name: str,
+    options: type = NoOptions,
+    uses_unlabeled: bool = False,
+    needs_2d_encoder: bool = False,
+) -> Callable[[Type[Method]], Type[Method]]:
+    """Class decorator: make a method available to ``create_method`` as ``name``.
+
+    Args:
+        name: the ``--method`` / job ``method`` name.
+        options: the frozen dataclass of its ``method.*`` settings, every field an ``option``.
+        uses_unlabeled: it learns from unlabeled images too (it gets unlabeled patches; a run
+            without unlabeled images is refused).
+        needs_2d_encoder: it co-trains a 2D model whose timm encoder its option ``encoder``
+            names (the panel's 2D encoder field sets it).
+
+    Raises:
+        TypeError: ``options`` is not a frozen dataclass of documented ``option`` fields with
+            defaults, a method with a 2D model has no ``encoder`` option, or ``name`` is taken
+            by another class.
+    """
 
     def wrap(cls: Type[Method]) -> Type[Method]:
+        _check_options(name, options, needs_2d_encoder)
+        taken = _REGISTRY.get(name)
+        if taken is not None and _qualified(taken) != _qualified(cls):
+            raise TypeError(f"method {name!r} is already registered by {_qualified(taken)}")
         cls.name = name
+        cls.options_class = options
+        cls.uses_unlabeled = uses_unlabeled
+        cls.needs_2d_encoder = needs_2d_encoder
         _REGISTRY[name] = cls
+        if not method_catalogue.is_built_in(name):
+            method_catalogue.add(describe_method(cls))
         return cls
 
     return wrap
+
+
+def describe_method(cls: Type[Method]) -> MethodInfo:
+    """The catalogue's entry for the registered class ``cls``; its description is the first
+    line of the class's docstring."""
+    options = tuple(
+        OptionInfo(f.name, f.default, f.metadata["help"], f.metadata["published"])
+        for f in dataclasses.fields(cls.options_class)
+    )
+    description = (cls.__doc__ or cls.name).strip().splitlines()[0]
+    return MethodInfo(cls.name, description, cls.uses_unlabeled, cls.needs_2d_encoder, options)
+
+
+def _check_options(name: str, options: type, needs_2d_encoder: bool) -> None:
+    if not dataclasses.is_dataclass(options) or not options.__dataclass_params__.frozen:
+        raise TypeError(f"method {name!r}: options must be a frozen dataclass, not {options!r}")
+    for f in dataclasses.fields(options):
+        if f.default is dataclasses.MISSING or "help" not in f.metadata:
+            raise TypeError(
+                f"method {name!r}: option {f.name!r} must be declared with option(default, help)"
+            )
+    names = {f.name for f in dataclasses.fields(options)}
+    if needs_2d_encoder and method_catalogue.ENCODER_OPTION not in names:
+        raise TypeError(
+            f"method {name!r} has a 2D model but no {method_catalogue.ENCODER_OPTION!r} option"
+        )
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def list_methods() -> list:
@@ -39,6 +129,17 @@ def method_class(name: str) -> Type[Method]:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
     return _REGISTRY[name]
+
+
+def method_options(config: TrainConfig) -> Any:
+    """The options of ``config.method``: its ``method_options`` over the defaults, typed and
+    checked. Raises ConfigError naming an unknown method, an unknown option or a bad value."""
+    return _options(method_class(config.method), config)
+
+
+def _options(cls: Type[Method], config: TrainConfig) -> Any:
+    owner = f"method {cls.name!r}"
+    return settings_from(cls.options_class, config.method_options, "method.", owner)
 
 
 def create_method(config: TrainConfig, num_classes: int, device: torch.device) -> Method:
@@ -73,11 +174,15 @@ class Method:
     """A training method. The shared loop asks it, per iteration, how many labeled and
     unlabeled patches it wants, hands it those, and checkpoints its ``state_dict``."""
 
+    # Set by ``register_method``.
     name = "base"
+    options_class: type = NoOptions
     uses_unlabeled = False
+    needs_2d_encoder = False
 
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
         self.config = config
+        self.options = _options(type(self), config)
         self.num_classes = num_classes
         self.device = device
         self.use_amp = bool(config.mixed_precision and device.type == "cuda")

@@ -25,7 +25,7 @@ one prototype vector: the memory does not grow with k or the number of repetitio
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -33,21 +33,29 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from SemiSupSegLib.backend.config import TrainConfig
-from SemiSupSegLib.backend.errors import ConfigError
-from SemiSupSegLib.backend.methods.base import register_method
-from SemiSupSegLib.backend.methods.mn import MNMethod, Teaching, labels_one_hot
+from SemiSupSegLib.backend.config import SHARE, TrainConfig
+from SemiSupSegLib.backend.methods.base import option, register_method
+from SemiSupSegLib.backend.methods.mn import MNMethod, MNOptions, Teaching, labels_one_hot
 from SemiSupSegLib.backend.methods.teacher_student import (
+    CONSISTENCY_HELP,
+    DROPOUT_HELP,
+    MC_PASSES_HELP,
+    UNCERTAINTY_HELP,
+    MonteCarloTeacherOptions,
     TeacherStudentMethod,
+    TeacherStudentOptions,
     ramp,
     reliability_threshold,
 )
+from SemiSupSegLib.backend.settings import OneOf, Range
 from SemiSupSegLib.backend.uncertainty import (
+    UNCERTAINTY_KINDS,
     class_argmax,
     entropy,
     mc_softmax,
     uncertainty_from_passes,
 )
+from SemiSupSegLib.method_catalogue import NOT_PUBLISHED
 
 ABSENT = -1e4  # similarity given to classes without references (never chosen, zero softmax)
 
@@ -112,19 +120,39 @@ def reference_voxels(
     return {c: np.concatenate(parts) for c, parts in references.items()}
 
 
+@dataclass(frozen=True)
+class MatchingOptions:
+    """The settings of embedding matching, which ``em`` and ``mn+em`` share."""
+
+    references_k: int = option(
+        16, "reference voxels drawn per class from each labeled patch (k)", check=Range(1)
+    )
+    references_repeats: int = option(
+        5, "draws of references_k voxels per patch (l)", check=Range(1)
+    )
+    band: Tuple[int, int] = option(
+        (1, 3), "distance in voxels to a class's surface of its reference voxels: nearest, farthest"
+    )
+    temperature: float = option(
+        1.0,
+        "temperature of the softmax over per-class similarities in L_EN",
+        check=Range(0, low_open=True),
+    )
+
+
 def draw_references(
     label: torch.Tensor,
     num_classes: int,
-    options: Dict[str, Any],
+    options: MatchingOptions,
     rng: Optional[np.random.Generator],
 ) -> Dict[int, np.ndarray]:
     """``reference_voxels`` for a labeled batch (N, 1, z, y, x) with the method's k, l and band."""
     return reference_voxels(
         label[:, 0].cpu().numpy(),
         num_classes,
-        int(options["references_k"]),
-        int(options["references_repeats"]),
-        tuple(int(v) for v in options["band"]),
+        options.references_k,
+        options.references_repeats,
+        options.band,
         rng,
     )
 
@@ -211,11 +239,10 @@ class EmbeddingMatcher:
     reference voxels in the surface bands of a batch's labeled patches, each voxel's similarity
     to them, its matched class and the entropy regulariser (L_EN).
 
-    ``options`` holds ``references_k``, ``references_repeats``, ``band`` and ``temperature``;
-    the references are drawn from a stream of their own (``seed + 7``).
+    The references are drawn from a stream of their own (``seed + 7``).
     """
 
-    def __init__(self, num_classes: int, options: Dict[str, Any], seed: int) -> None:
+    def __init__(self, num_classes: int, options: MatchingOptions, seed: int) -> None:
         self.num_classes = num_classes
         self.options = options
         self.rng = np.random.default_rng(seed + 7)
@@ -230,42 +257,53 @@ class EmbeddingMatcher:
 
     def entropy(self, similarity: torch.Tensor) -> torch.Tensor:
         """Per-voxel L_EN of similarities (B, C, ...)."""
-        return matching_entropy(similarity, float(self.options["temperature"]))
+        return matching_entropy(similarity, self.options.temperature)
 
 
-@register_method("em")
+@dataclass(frozen=True)
+class EMOptions(MatchingOptions, TeacherStudentOptions):
+    """em's settings: the teacher-student loop's with em's published values (but the CPU
+    preset's 2 Monte Carlo passes, 5 published), and the matching's."""
+
+    dropout: Optional[float] = option(0.15, DROPOUT_HELP, check=SHARE)
+    mc_passes: int = option(2, MC_PASSES_HELP, "5", Range(1))
+    uncertainty: str = option("mean-entropy", UNCERTAINTY_HELP, check=OneOf(UNCERTAINTY_KINDS))
+    consistency: str = option("ce", CONSISTENCY_HELP, check=OneOf(("mse", "ce")))
+    consistency_weight: float = option(
+        0.25,
+        "final value of the ramped weight of the loss on reliable voxels (w_UA)",
+        check=Range(0),
+    )
+    matching_weight: float = option(
+        0.125,
+        "final value of the ramped weight of L_NN + L_EN on unreliable voxels (w_PS)",
+        check=Range(0),
+    )
+    entropy_regulariser: bool = option(
+        True, "add L_EN, the entropy of the softmax over per-class similarities"
+    )
+    matching_reduction: str = option(
+        "all",
+        "all: the matching losses summed over the unreliable voxels, divided by every "
+        "unlabeled voxel; unreliable: their mean over the unreliable voxels",
+        "unreliable",
+        OneOf(MATCHING_REDUCTIONS),
+    )
+
+
+@register_method("em", options=EMOptions, uses_unlabeled=True)
 class EmbeddingMatchingMethod(TeacherStudentMethod):
-    """Embedding matching: the shared teacher-student loop plus matching on unreliable voxels.
+    """Embedding matching: the shared teacher-student loop plus matching on unreliable voxels."""
 
-    Defaults are the published ones except ``mc_passes``: 5 published, 2 on the CPU preset
-    (each pass is one more teacher forward of the unlabeled batch).
-    """
-
-    DEFAULTS = {
-        **TeacherStudentMethod.DEFAULTS,
-        "dropout": 0.15,
-        "mc_passes": 2,
-        "uncertainty": "mean-entropy",
-        "consistency": "ce",
-        "consistency_weight": 0.25,  # w_UA
-        "matching_weight": 0.125,  # w_PS, on L_NN + L_EN
-        "entropy_regulariser": True,
-        "references_k": 16,
-        "references_repeats": 5,
-        "band": [1, 3],  # voxels, distance to the class surface
-        "temperature": 1.0,  # of the softmax over per-class similarities in L_EN
-        "matching_reduction": "all",  # "all" or "unreliable" (published); see matching_mean
-    }
+    options: EMOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.options["matching_reduction"] not in MATCHING_REDUCTIONS:
-            raise ConfigError(f"method.matching_reduction must be one of {MATCHING_REDUCTIONS}")
         self.matcher = EmbeddingMatcher(self.num_classes, self.options, self.config.seed)
 
     def weights(self, iteration: int) -> Dict[str, float]:
         w = super().weights(iteration)
-        w["matching"] = ramp(iteration, self.ramp_total, self.options["matching_weight"])
+        w["matching"] = ramp(iteration, self.ramp_total, self.options.matching_weight)
         return w
 
     def unreliable_loss(
@@ -290,36 +328,49 @@ class EmbeddingMatchingMethod(TeacherStudentMethod):
             return {}, info
         similarity = match_similarities(student_features_u, prototypes, present)
         matched = class_argmax(similarity).detach()
-        reduction = o["matching_reduction"]
+        reduction = o.matching_reduction
         per_voxel = F.cross_entropy(logits_u, matched, reduction="none")
         losses = {
             "matching": (matching_mean(per_voxel, unreliable, reduction), weights["matching"])
         }
-        if o["entropy_regulariser"]:
+        if o.entropy_regulariser:
             en = self.matcher.entropy(similarity)
             losses["entropy"] = (matching_mean(en, unreliable, reduction), weights["matching"])
         info["matching_classes"] = int(present.sum())
         return losses, info
 
 
-MN_EM_DEFAULTS: Dict[str, Any] = {
-    "dropout": 0.15,  # of the 3D network (the 2D model has none: its passes differ by noise)
-    "mc_passes": 2,
-    "teacher_noise": 0.01,
-    "uncertainty": "mean-entropy",
-    "threshold_scale": None,  # the threshold's final value (None: ln C)
-    "disagreement": False,  # voxels where the 2D and 3D argmax differ are unreliable too
-    "max_unreliable_share": 0.05,  # at most this share of voxels is matched (None: no limit)
-    "entropy_weight": 0.125,  # final weight of L_EN on the 3D student, ramped
-    "ramp_fraction": 1.0,
-    "references_k": 16,
-    "references_repeats": 5,
-    "band": [1, 3],
-    "temperature": 1.0,
-}
+@dataclass(frozen=True)
+class MNEMOptions(MatchingOptions, MonteCarloTeacherOptions, MNOptions):
+    """mn+em's settings: M&N's, the Monte Carlo teacher's, the matching's, and which voxels
+    are matched."""
+
+    dropout: float = option(
+        0.15,
+        "dropout of the 3D network (the 2D model has none: its passes differ by noise)",
+        NOT_PUBLISHED,
+        SHARE,
+    )
+    mc_passes: int = option(2, MC_PASSES_HELP, "5", Range(1))
+    uncertainty: str = option("mean-entropy", UNCERTAINTY_HELP, check=OneOf(UNCERTAINTY_KINDS))
+    disagreement: bool = option(
+        False,
+        "voxels where the 2D and 3D models' argmax differ are unsure too (on the benchmark it "
+        "fed a loop that collapsed training)",
+        "true (the method's description)",
+    )
+    max_unreliable_share: Optional[float] = option(
+        0.05,
+        "at most this share of a batch's voxels, the most uncertain, is matched; None: no limit",
+        "None",
+        Range(0, 1),
+    )
+    entropy_weight: float = option(
+        0.125, "final value of the ramped weight of L_EN on the 3D student", check=Range(0)
+    )
 
 
-@register_method("mn+em")
+@register_method("mn+em", options=MNEMOptions, uses_unlabeled=True, needs_2d_encoder=True)
 class MNEmbeddingMatchingMethod(MNMethod):
     """M&N co-training (methods/mn.py, unchanged schedule and losses) where, when a model learns
     from the other's pseudo-mask, the voxels the teacher is unsure of are labeled by embedding
@@ -333,23 +384,17 @@ class MNEmbeddingMatchingMethod(MNMethod):
     embedding space (the 2D model has no embedding head): references from the labeled patches
     of the batch, queries from the unlabeled ones; the matched label replaces the soft
     pseudo-mask there (one-hot). When the 3D model is the student, L_EN on those voxels is
-    added with a ramped weight. M&N's options are taken as mn takes them; ``MN_EM_DEFAULTS``
-    are the matching ones.
+    added with a ramped weight. M&N's options are taken as mn takes them (``MNEMOptions``).
     """
 
+    options: MNEMOptions
+
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
-        own = {k: v for k, v in config.method_options.items() if k in MN_EM_DEFAULTS}
-        em_options = {**MN_EM_DEFAULTS, **own}
-        mn_config = dataclasses.replace(
-            config,
-            dropout=float(em_options["dropout"]),
-            method_options={
-                k: v for k, v in config.method_options.items() if k not in MN_EM_DEFAULTS
-            },
-        )
-        super().__init__(mn_config, num_classes, device)
-        self.em_options = em_options
-        self.refiner = MatchingRefiner(em_options, num_classes, config)
+        super().__init__(config, num_classes, device)
+        self.refiner = MatchingRefiner(self.options, num_classes, config)
+
+    def dropout_3d(self) -> Optional[float]:
+        return self.options.dropout
 
 
 class MatchingRefiner:
@@ -362,11 +407,11 @@ class MatchingRefiner:
     the 3D student's embeddings of those voxels, against the same prototypes.
     """
 
-    def __init__(self, options: Dict[str, Any], num_classes: int, config: TrainConfig) -> None:
+    def __init__(self, options: MNEMOptions, num_classes: int, config: TrainConfig) -> None:
         self.options = options
         self.num_classes = num_classes
         self.matcher = EmbeddingMatcher(num_classes, options, config.seed)
-        self.ramp_total = max(1.0, float(options["ramp_fraction"]) * config.iterations)
+        self.ramp_total = max(1.0, options.ramp_fraction * config.iterations)
 
     def teach(
         self,
@@ -380,12 +425,12 @@ class MatchingRefiner:
         net3d, net2d = method.net3d, method.net2d
         network = net3d if teacher == "3d" else net2d
         with method.autocast():
-            passes = mc_softmax(network, images, int(o["mc_passes"]), float(o["teacher_noise"]))
+            passes = mc_softmax(network, images, o.mc_passes, o.teacher_noise)
         probs = passes.mean(0)
         threshold = reliability_threshold(
-            iteration, self.ramp_total, self.num_classes, o["threshold_scale"]
+            iteration, self.ramp_total, self.num_classes, o.threshold_scale
         )
-        uncertainty = uncertainty_from_passes(passes, o["uncertainty"])
+        uncertainty = uncertainty_from_passes(passes, o.uncertainty)
         unreliable = uncertainty >= threshold
         image_l = labeled["image"].to(method.device, non_blocking=True)
         net3d.eval()
@@ -393,12 +438,12 @@ class MatchingRefiner:
         with torch.no_grad(), method.autocast():
             _, reference_features = net3d.forward_with_features(image_l)
             logits_3d, query_features = net3d.forward_with_features(images)
-            if o["disagreement"]:
+            if o.disagreement:
                 other = net2d(images) if teacher == "3d" else logits_3d
                 disagree = class_argmax(other) != class_argmax(probs)
                 unreliable |= disagree
                 uncertainty = uncertainty + disagree.float()  # matched first when over the limit
-        unreliable = limit_share(unreliable, uncertainty, o["max_unreliable_share"])
+        unreliable = limit_share(unreliable, uncertainty, o.max_unreliable_share)
         prototypes, present = self.matcher.prototypes(reference_features, labeled["label"])
         share = float(unreliable.float().mean())
         info = {"unreliable_share": share, "reliable_share": 1.0 - share}
@@ -407,9 +452,9 @@ class MatchingRefiner:
         matched = class_argmax(match_similarities(query_features, prototypes, present))
         onehot = labels_one_hot(matched[:, None], self.num_classes).to(probs.dtype)
         target = torch.where(unreliable[:, None], onehot, probs)
-        if not o["entropy_weight"]:
+        if not o.entropy_weight:
             return Teaching(target, info=info)
-        weight = ramp(iteration, self.ramp_total, float(o["entropy_weight"]))
+        weight = ramp(iteration, self.ramp_total, o.entropy_weight)
 
         def regulariser(features: torch.Tensor) -> Tuple[torch.Tensor, float]:
             """L_EN on the unlabeled patches' matched voxels (the batch's last ones)."""

@@ -10,33 +10,11 @@ at the end of stage 1, restart, cosine to 0 at the end; each schedule advances w
 of its own optimiser (:meth:`MNMethod.own_schedule`). Learning-rate guided sampling: the
 share of unlabeled patches grows as the LR falls (:func:`lr_guided_unlabeled`).
 
-Settings (``--set method.NAME=VALUE``) and how the published defaults were scaled for the CPU
-preset (1500 iterations of batch 4 on 32x48x32 patches instead of ~32k of batch 5 at 160x160x64):
-
-- ``encoder`` (``mobilenetv2_100``): any timm encoder; the reference's SegFormer-B2 needs a
-  download, MobileNetV2 ships offline. ``encoder_weights``: auto | offline | timm | none | path.
-- ``encoder_out_indices`` ([0, 1, 2, 3]): feature levels used (strides 2..16); the stride-32
-  level of a 48x32 slice is 2x1 voxels, so it is left out by default.
-- ``decoder_channels`` (32), ``slice_axis`` (``z``, SimpleITK's through-plane axis),
-  ``slice_scale`` (1.0: slices are upsampled by this before the encoder).
-- ``finetune`` (``all``: every layer, the encoder at ``encoder_lr_factor`` (0.1) of the 2D LR;
-  or ``frozen``). The reference uses LoRA on SegFormer; not offered here.
-- ``lr_2d`` (1e-3, published), ``lr_3d`` (the run's ``learning_rate``, 3e-3 on CPU, as
-  supervised gets: the published 1e-4 is for 32k iterations, far too slow for 1500).
-- ``warmup_stage_fraction`` (0.125 = 500/4000 epochs, published) and ``lr_warmup_fraction``
-  (0.0125 = 50/4000 epochs): fractions of the run, so they scale with ``iterations``.
-- ``alternation``: ``iteration`` (default: every co-training iteration, the 2D model learns
-  from the 3D teacher, then the 3D model from the 2D teacher, so the 3D model gets as many
-  updates as supervised training at the same iteration budget) or ``phase`` (the reference:
-  ``phase_length`` iterations (8 = one reference epoch) for one model, then the other).
-- ``train_slices`` (8): slices per patch the 2D student is trained on (a random subset, 0 =
-  all), to keep the 2D step cheap on CPU; the 2D teacher always predicts every slice.
-- ``min_labeled`` (1): labeled patches kept in every batch.
-- ``unlabeled_mode``: ``replace`` (published: the unlabeled patches take the place of labeled
-  ones in a batch of ``batch_size``) or ``add`` (every batch keeps ``batch_size`` labeled
-  patches and the LR-guided count of unlabeled ones, 0 to ``batch_size``, comes on top: the
-  3D model then gets as much supervision per iteration as supervised training, at the cost of
-  larger batches late in training).
+Settings (``--set method.NAME=VALUE``): ``MNOptions``, each with its published value. The CPU
+preset trains 1500 iterations of batch 4 on 32x48x32 patches instead of ~32k of batch 5 at
+160x160x64, so the stages are fractions of the run and the 3D model keeps the run's learning
+rate; ``alternation=iteration`` gives the 3D model as many updates as supervised training at
+the same budget.
 
 Progress: stage "warm-up" / "co-training", a message naming who learns from whom, the batch's
 ``n_labeled``/``n_unlabeled``, both learning rates, and ``loss_3d``/``loss_2d``. ``predict``
@@ -60,31 +38,114 @@ from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.methods.base import (
     Method,
     StepResult,
+    option,
     register_method,
     soft_segmentation_loss,
 )
 from SemiSupSegLib.backend.networks import SegmentationNetwork
 from SemiSupSegLib.backend.networks2d import SLICE_AXES, create_network2d
+from SemiSupSegLib.backend.settings import OneOf, Range
+from SemiSupSegLib.method_catalogue import NOT_PUBLISHED
 
-DEFAULTS: Dict[str, Any] = {
-    "encoder": "mobilenetv2_100",
-    "encoder_weights": "auto",
-    "encoder_out_indices": [0, 1, 2, 3],
-    "decoder_channels": 32,
-    "slice_axis": "z",
-    "slice_scale": 1.0,
-    "finetune": "all",
-    "encoder_lr_factor": 0.1,
-    "lr_2d": 1e-3,
-    "lr_3d": None,
-    "warmup_stage_fraction": 0.125,
-    "lr_warmup_fraction": 0.0125,
-    "alternation": "iteration",
-    "phase_length": 8,
-    "train_slices": 8,
-    "min_labeled": 1,
-    "unlabeled_mode": "replace",
-}
+
+@dataclass(frozen=True)
+class MNOptions:
+    """M&N's settings: default (CPU preset), what each does, and the published value."""
+
+    encoder: str = option(
+        "mobilenetv2_100",
+        "timm encoder of the 2D model (any timm name; MobileNetV2 has offline weights)",
+        "SegFormer-B2 (mit_b2; its weights need a download)",
+    )
+    encoder_weights: str = option(
+        "auto",
+        "the 2D encoder's weights: auto, offline, timm, none (random) or a weights file",
+        "natural-image pretrained",
+    )
+    encoder_out_indices: Optional[Tuple[int, ...]] = option(
+        (0, 1, 2, 3),
+        "encoder feature levels used (strides 2 to 16; the stride-32 level of a 48x32 slice is "
+        "2x1 voxels); None: all",
+        NOT_PUBLISHED,
+    )
+    decoder_channels: int = option(
+        32, "channels of the 2D model's light decoder", NOT_PUBLISHED, Range(1)
+    )
+    slice_axis: str = option(
+        "z",
+        "axis the 2D model slices along: z (SimpleITK's through-plane axis), y or x",
+        NOT_PUBLISHED,
+        OneOf(tuple(SLICE_AXES)),
+    )
+    slice_scale: float = option(
+        1.0,
+        "slices are upsampled by this before the encoder",
+        NOT_PUBLISHED,
+        Range(0, low_open=True),
+    )
+    finetune: str = option(
+        "all",
+        "all: every layer learns, the encoder at encoder_lr_factor of the 2D rate; frozen: the "
+        "decoder only",
+        "LoRA on SegFormer (not offered)",
+        OneOf(("all", "frozen")),
+    )
+    encoder_lr_factor: float = option(
+        0.1,
+        "the encoder's share of the 2D learning rate (finetune=all)",
+        NOT_PUBLISHED,
+        Range(0),
+    )
+    lr_2d: float = option(1e-3, "peak learning rate of the 2D model", check=Range(0, low_open=True))
+    lr_3d: Optional[float] = option(
+        None,
+        "peak learning rate of the 3D model; None: the run's learning_rate (3e-3 on a CPU)",
+        "1e-4 (for ~32k iterations: far too slow for 1500)",
+        Range(0, low_open=True),
+    )
+    warmup_stage_fraction: float = option(
+        0.125,
+        "share of the run in stage 1, where both models learn from the labels only "
+        "(published: 500 of 4000 epochs)",
+        check=Range(0, 1, low_open=True, high_open=True),
+    )
+    lr_warmup_fraction: float = option(
+        0.0125,
+        "share of the run in the linear learning-rate warm-up (published: 50 of 4000 epochs)",
+        check=Range(0, 1),
+    )
+    alternation: str = option(
+        "iteration",
+        "iteration: every co-training iteration the 2D model learns from the 3D one, then the "
+        "3D from the 2D; phase: phase_length iterations for one model, then the other",
+        "phase",
+        OneOf(("iteration", "phase")),
+    )
+    phase_length: int = option(
+        8,
+        "iterations of a phase (alternation=phase; published: one reference epoch)",
+        check=Range(1),
+    )
+    train_slices: int = option(
+        8,
+        "slices per patch the 2D student learns from, drawn at random (0: all); the 2D teacher "
+        "always predicts every slice",
+        "0 (all slices)",
+        Range(0),
+    )
+    min_labeled: int = option(
+        1,
+        "labeled patches kept in every batch (unlabeled_mode=replace)",
+        NOT_PUBLISHED,
+        Range(0),
+    )
+    unlabeled_mode: str = option(
+        "replace",
+        "replace: the unlabeled patches take the place of labeled ones in a batch of "
+        "batch_size; add: they come on top of batch_size labeled patches",
+        check=OneOf(("replace", "add")),
+    )
+
 
 WARM_UP = "warm-up"
 CO_TRAINING = "co-training"
@@ -153,51 +214,49 @@ class TwoCycleSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (iteration - self.stage1) / span)))
 
 
-@register_method("mn")
+@register_method("mn", options=MNOptions, uses_unlabeled=True, needs_2d_encoder=True)
 class MNMethod(Method):
     """A slice-wise pretrained 2D model and the 3D network teach each other (see module doc)."""
 
-    uses_unlabeled = True
+    options: MNOptions
 
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
         super().__init__(config, num_classes, device)
-        self.options = _options(config)
         o = self.options
+        if config.batch_size < 2:
+            raise ConfigError("mn needs batch_size >= 2 (one labeled and one unlabeled patch)")
         total = config.iterations
-        self.stage1 = max(1, int(round(o["warmup_stage_fraction"] * total)))
+        self.stage1 = max(1, int(round(o.warmup_stage_fraction * total)))
         if self.stage1 >= total:
             raise ConfigError(
-                f"method.warmup_stage_fraction={o['warmup_stage_fraction']} leaves no co-training "
+                f"method.warmup_stage_fraction={o.warmup_stage_fraction} leaves no co-training "
                 f"iterations out of {total}"
             )
-        self.warmup = min(max(1, int(round(o["lr_warmup_fraction"] * total))), self.stage1)
+        self.warmup = min(max(1, int(round(o.lr_warmup_fraction * total))), self.stage1)
         # The run's progress through the two cycles, which guides the batches' composition.
         self.factor = TwoCycleSchedule(total, self.stage1, self.warmup)
 
-        self.net3d = self.build_network()
+        self.net3d = self.build_network(dropout=self.dropout_3d())
         self.net2d = create_network2d(
-            o["encoder"],
+            o.encoder,
             num_classes,
-            weights=o["encoder_weights"],
-            axis=o["slice_axis"],
-            decoder_channels=int(o["decoder_channels"]),
-            out_indices=o["encoder_out_indices"],
-            slice_scale=float(o["slice_scale"]),
+            weights=o.encoder_weights,
+            axis=o.slice_axis,
+            decoder_channels=o.decoder_channels,
+            out_indices=o.encoder_out_indices,
+            slice_scale=o.slice_scale,
         ).to(device)
 
-        lr3 = float(o["lr_3d"] or config.learning_rate)
-        lr2 = float(o["lr_2d"])
+        lr3 = o.lr_3d or config.learning_rate
+        lr2 = o.lr_2d
         self.opt3d = torch.optim.AdamW(
             self.net3d.parameters(), lr=lr3, weight_decay=config.weight_decay
         )
         segmenter = self.net2d.network
         groups: List[Dict[str, Any]] = [{"params": segmenter.decoder_parameters(), "lr": lr2}]
-        if o["finetune"] == "all":
+        if o.finetune == "all":
             groups.append(
-                {
-                    "params": segmenter.encoder_parameters(),
-                    "lr": lr2 * float(o["encoder_lr_factor"]),
-                }
+                {"params": segmenter.encoder_parameters(), "lr": lr2 * o.encoder_lr_factor}
             )
         else:
             for parameter in segmenter.encoder_parameters():
@@ -209,6 +268,10 @@ class MNMethod(Method):
         self.last_losses: Dict[str, float] = {}
         #: Makes the pseudo-masks instead of ``teach`` when set (a subclass sets it).
         self.refiner: Optional[PseudoLabelRefiner] = None
+
+    def dropout_3d(self) -> Optional[float]:
+        """The 3D network's dropout: None, the run's ``dropout``."""
+        return None
 
     # --- schedule of the run
     def own_schedule(self, model: str) -> TwoCycleSchedule:
@@ -232,19 +295,19 @@ class MNMethod(Method):
         """(student, teacher) pairs at ``iteration``, in order: teacher "labels", "2d" or "3d"."""
         if iteration < self.stage1:
             return [("3d", "labels"), ("2d", "labels")]
-        if self.options["alternation"] == "iteration":
+        if self.options.alternation == "iteration":
             return [("2d", "3d"), ("3d", "2d")]
-        phase = (iteration - self.stage1) // max(1, int(self.options["phase_length"]))
+        phase = (iteration - self.stage1) // self.options.phase_length
         return [("2d", "3d")] if phase % 2 == 0 else [("3d", "2d")]
 
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
         batch = self.config.batch_size
         if iteration < self.stage1:
             return batch, 0
-        if self.options["unlabeled_mode"] == "add":
+        if self.options.unlabeled_mode == "add":
             return batch, lr_guided_unlabeled(batch, self.factor(iteration), 1.0, 0)
         unlabeled = lr_guided_unlabeled(
-            batch, self.factor(iteration), 1.0, int(self.options["min_labeled"])
+            batch, self.factor(iteration), 1.0, self.options.min_labeled
         )
         return batch - unlabeled, unlabeled
 
@@ -331,8 +394,8 @@ class MNMethod(Method):
         self, images: torch.Tensor, target: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """A random subset of ``train_slices`` slices along the slice axis (all when 0)."""
-        count = int(self.options["train_slices"])
-        dim = SLICE_AXES[self.options["slice_axis"]]
+        count = self.options.train_slices
+        dim = SLICE_AXES[self.options.slice_axis]
         depth = images.shape[dim]
         if count <= 0 or count >= depth:
             return images, target
@@ -365,36 +428,6 @@ class MNMethod(Method):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.last_losses = dict(state.get("last_losses", {}))
-
-
-def _options(config: TrainConfig) -> Dict[str, Any]:
-    """The method's settings: defaults overridden by ``config.method_options``, checked."""
-    unknown = sorted(set(config.method_options) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown mn setting(s) {unknown}; known: {sorted(DEFAULTS)}")
-    options = {**DEFAULTS, **config.method_options}
-    if options["slice_axis"] not in SLICE_AXES:
-        raise ConfigError(
-            f"method.slice_axis must be one of z, y, x, not {options['slice_axis']!r}"
-        )
-    if options["alternation"] not in ("iteration", "phase"):
-        raise ConfigError(
-            f"method.alternation must be 'iteration' or 'phase', not {options['alternation']!r}"
-        )
-    if options["unlabeled_mode"] not in ("replace", "add"):
-        raise ConfigError(
-            f"method.unlabeled_mode must be 'replace' or 'add', not {options['unlabeled_mode']!r}"
-        )
-    if options["finetune"] not in ("all", "frozen"):
-        raise ConfigError(f"method.finetune must be 'all' or 'frozen', not {options['finetune']!r}")
-    if not 0.0 < float(options["warmup_stage_fraction"]) < 1.0:
-        raise ConfigError("method.warmup_stage_fraction must be between 0 and 1")
-    if config.batch_size < 2:
-        raise ConfigError("mn needs batch_size >= 2 (one labeled and one unlabeled patch)")
-    indices = options["encoder_out_indices"]
-    if indices is not None and not isinstance(indices, (list, tuple)):
-        options["encoder_out_indices"] = [int(v) for v in str(indices).split(",") if v]
-    return options
 
 
 def labels_one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ from typing import Any, Dict, Optional
 import torch
 
 from SemiSupSegLib.backend.config import TrainConfig
-from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.methods.base import (
     Method,
     StepResult,
@@ -23,11 +22,6 @@ class SupervisedMethod(Method):
 
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
         super().__init__(config, num_classes, device)
-        if config.method_options:
-            raise ConfigError(
-                f"method.{sorted(config.method_options)[0]}: supervised training has no method "
-                "options (method.* settings belong to mn, em, mn+em, mean-teacher and ua-mt)"
-            )
         self.network = self.build_network()
         self.optimizer, self.schedule = self.build_optimizer(self.network)
         self.loss = segmentation_loss()

@@ -9,33 +9,37 @@ One loop, three methods (method.md §2):
 - ``mean-teacher``: *em without matching and without the uncertainty filter*: mean-squared
   softmax consistency with the EMA teacher on every unlabeled voxel.
 
-Every number is a method option (``--set method.NAME=VALUE``); see ``DEFAULTS``.
+Every number is a method option (``--set method.NAME=VALUE``): ``TeacherStudentOptions``, and
+the variants' other defaults in ``MeanTeacherOptions`` and ``UAMTOptions``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from SemiSupSegLib.backend.config import TrainConfig
-from SemiSupSegLib.backend.errors import ConfigError
+from SemiSupSegLib.backend.config import SHARE, TrainConfig
 from SemiSupSegLib.backend.methods.base import (
     Method,
     StepResult,
+    option,
     register_method,
     segmentation_loss,
 )
 from SemiSupSegLib.backend.networks import SegmentationNetwork
+from SemiSupSegLib.backend.settings import OneOf, Range
 from SemiSupSegLib.backend.uncertainty import (
     UNCERTAINTY_KINDS,
     class_argmax,
     mc_softmax,
     uncertainty_from_passes,
 )
+from SemiSupSegLib.method_catalogue import NOT_PUBLISHED
 
 
 def ramp(step: float, total: float, scale: float = 1.0) -> float:
@@ -77,48 +81,83 @@ def update_ema(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
         t.copy_(s)
 
 
+DROPOUT_HELP = "dropout of the 3D network; None: the run's dropout"
+MC_PASSES_HELP = "the teacher's Monte Carlo passes over the unlabeled patches"
+UNCERTAINTY_HELP = "the teacher's uncertainty: mean-entropy, entropy-of-mean or mutual-information"
+FILTER_HELP = "learn the consistency only on voxels whose uncertainty is under the rising threshold"
+CONSISTENCY_HELP = (
+    "mse: of the softmax to the teacher's (MT, UA-MT); ce: to the teacher's argmax (em)"
+)
+
+
+@dataclass(frozen=True)
+class MonteCarloTeacherOptions:
+    """A teacher whose Monte Carlo passes tell which voxels it is sure of, under a threshold
+    that rises with the ramps: settings this loop and ``mn+em`` share."""
+
+    mc_passes: int = option(1, MC_PASSES_HELP, check=Range(1))
+    teacher_noise: float = option(
+        0.01, "std of the Gaussian noise added to the teacher's input", NOT_PUBLISHED, Range(0)
+    )
+    uncertainty: str = option("entropy-of-mean", UNCERTAINTY_HELP, check=OneOf(UNCERTAINTY_KINDS))
+    threshold_scale: Optional[float] = option(
+        None,
+        "final value of the uncertainty threshold; None: ln C (C classes)",
+        check=Range(0, low_open=True),
+    )
+    ramp_fraction: float = option(
+        1.0,
+        "share of the run after which the ramped weights and threshold reach their final values",
+        NOT_PUBLISHED,
+        Range(0),
+    )
+
+
+@dataclass(frozen=True)
+class TeacherStudentOptions(MonteCarloTeacherOptions):
+    """The teacher-student loop's settings: default (CPU preset), what each does, and the
+    published value (Mean Teacher's and UA-MT's, unless a variant says otherwise)."""
+
+    dropout: Optional[float] = option(None, DROPOUT_HELP, NOT_PUBLISHED, SHARE)
+    ema_decay: float = option(
+        0.99, "decay of the teacher's exponential moving average", check=Range(0, 1)
+    )
+    mc_chunk: int = option(
+        0, "at most this many passes per batched forward (0: all at once)", NOT_PUBLISHED, Range(0)
+    )
+    student_noise: float = option(
+        0.02, "std of the Gaussian noise added to the student's input", NOT_PUBLISHED, Range(0)
+    )
+    uncertainty_filter: bool = option(True, FILTER_HELP)
+    consistency: str = option("mse", CONSISTENCY_HELP, check=OneOf(("mse", "ce")))
+    consistency_weight: float = option(
+        0.1, "final value of the ramped consistency weight", check=Range(0)
+    )
+    unlabeled_batch: Optional[int] = option(
+        None,
+        "unlabeled patches per batch, on top of batch_size labeled ones; None: half of "
+        "batch_size; 0: batch_size in all, half of them unlabeled",
+        "0",
+        Range(0),
+    )
+    deploy: str = option(
+        "teacher",
+        "the network predict uses: teacher or student",
+        NOT_PUBLISHED,
+        OneOf(("teacher", "student")),
+    )
+
+
 class TeacherStudentMethod(Method):
     """Student trained by gradient, teacher = EMA of the student; subclasses choose the
-    unlabeled losses through ``DEFAULTS`` and the ``unreliable_loss`` hook."""
+    unlabeled losses through their options and the ``unreliable_loss`` hook."""
 
-    uses_unlabeled = True
-    DEFAULTS: Dict[str, Any] = {
-        "dropout": None,  # None: config.dropout; overrides it otherwise (the spec records it)
-        "ema_decay": 0.99,
-        "mc_passes": 1,  # teacher Monte Carlo passes
-        "mc_chunk": 0,  # at most this many passes per batched forward (0: all at once)
-        "teacher_noise": 0.01,  # std of the Gaussian input noise, teacher
-        "student_noise": 0.02,  # and student
-        "uncertainty": "entropy-of-mean",
-        "uncertainty_filter": True,
-        "threshold_scale": None,  # the threshold's final value (None: ln C, as published)
-        "consistency": "mse",  # "mse" of softmax (MT, UA-MT) or "ce" to the teacher argmax (em)
-        "consistency_weight": 0.1,  # final value of the ramped weight
-        "ramp_fraction": 1.0,  # the ramps reach their final values at this share of training
-        "unlabeled_batch": None,  # unlabeled patches per batch; see batch_composition
-        "deploy": "teacher",  # which network predict uses: "teacher" or "student"
-    }
+    options: TeacherStudentOptions
 
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
         super().__init__(config, num_classes, device)
-        unknown = set(config.method_options) - set(self.DEFAULTS)
-        if unknown:
-            raise ConfigError(
-                f"method {self.name!r}: unknown option(s) {sorted(unknown)}; "
-                f"known: {sorted(self.DEFAULTS)}"
-            )
-        self.options = {**self.DEFAULTS, **config.method_options}
         o = self.options
-        if o["uncertainty"] not in UNCERTAINTY_KINDS:
-            raise ConfigError(f"method.uncertainty must be one of {UNCERTAINTY_KINDS}")
-        if o["consistency"] not in ("mse", "ce"):
-            raise ConfigError("method.consistency must be 'mse' or 'ce'")
-        if o["deploy"] not in ("teacher", "student"):
-            raise ConfigError("method.deploy must be 'teacher' or 'student'")
-        dropout = config.dropout if o["dropout"] is None else float(o["dropout"])
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {dropout}")
-        self.student = self.build_network(dropout=dropout)
+        self.student = self.build_network(dropout=o.dropout)
         self.teacher = copy.deepcopy(self.student)
         if config.compile:
             self.teacher.compile()  # a copy of a compiled module is not compiled
@@ -126,7 +165,7 @@ class TeacherStudentMethod(Method):
             p.requires_grad_(False)
         self.optimizer, self.schedule = self.build_optimizer(self.student)
         self.loss = segmentation_loss()
-        self.ramp_total = max(1.0, float(o["ramp_fraction"]) * config.iterations)
+        self.ramp_total = max(1.0, o.ramp_fraction * config.iterations)
 
     # --- the loop's questions
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
@@ -136,16 +175,16 @@ class TeacherStudentMethod(Method):
         instead (UA-MT's code: ``batch_size`` in all, half labeled, half unlabeled); on the
         benchmark it halves the labeled patches a fixed budget sees."""
         b = self.config.batch_size
-        extra = self.options["unlabeled_batch"]
+        extra = self.options.unlabeled_batch
         if extra is None:
             return b, max(1, b // 2)
-        if int(extra) > 0:
-            return b, int(extra)
+        if extra > 0:
+            return b, extra
         return max(1, (b + 1) // 2), max(1, b // 2)
 
     def weights(self, iteration: int) -> Dict[str, float]:
         """The ramped loss weights at ``iteration``."""
-        return {"consistency": ramp(iteration, self.ramp_total, self.options["consistency_weight"])}
+        return {"consistency": ramp(iteration, self.ramp_total, self.options.consistency_weight)}
 
     # --- one step
     def train_step(
@@ -164,26 +203,22 @@ class TeacherStudentMethod(Method):
         # Teacher: M stochastic passes over the unlabeled patches, batched.
         with self.autocast():
             passes = mc_softmax(
-                self.teacher,
-                image_u,
-                max(1, int(o["mc_passes"])),
-                float(o["teacher_noise"]),
-                int(o["mc_chunk"]) or None,
+                self.teacher, image_u, o.mc_passes, o.teacher_noise, o.mc_chunk or None
             )
         teacher_probs = passes.mean(0)
         threshold = reliability_threshold(
-            iteration, self.ramp_total, self.num_classes, o["threshold_scale"]
+            iteration, self.ramp_total, self.num_classes, o.threshold_scale
         )
-        if o["uncertainty_filter"]:
-            uncertainty = uncertainty_from_passes(passes, o["uncertainty"])
+        if o.uncertainty_filter:
+            uncertainty = uncertainty_from_passes(passes, o.uncertainty)
             reliable = uncertainty < threshold
         else:
             reliable = torch.ones_like(teacher_probs[:, 0], dtype=torch.bool)
 
         # Student: labeled and unlabeled patches in one forward, with input noise.
         both = torch.cat([image_l, image_u])
-        if o["student_noise"] > 0:
-            both = both + torch.randn_like(both) * float(o["student_noise"])
+        if o.student_noise > 0:
+            both = both + torch.randn_like(both) * o.student_noise
         weights = self.weights(iteration)
         with self.autocast():
             logits, features = self.synced(self.student)(both, features=True)
@@ -199,7 +234,7 @@ class TeacherStudentMethod(Method):
             losses[key] = value
             total = total + weight * value
         self.optimise(total, self.optimizer, self.schedule)
-        update_ema(self.teacher, self.student, ema_decay(iteration + 1, float(o["ema_decay"])))
+        update_ema(self.teacher, self.student, ema_decay(iteration + 1, o.ema_decay))
 
         report = {"loss": float(total.detach())}
         report.update({k: float(v.detach()) for k, v in losses.items()})
@@ -219,7 +254,7 @@ class TeacherStudentMethod(Method):
         or cross-entropy to the teacher's argmax (em's L_UA)."""
         mask = reliable.float()
         count = mask.sum().clamp_min(1.0)
-        if self.options["consistency"] == "ce":
+        if self.options.consistency == "ce":
             per_voxel = F.cross_entropy(logits_u, class_argmax(teacher_probs), reduction="none")
         else:
             per_voxel = ((torch.softmax(logits_u, 1) - teacher_probs) ** 2).mean(1)
@@ -241,7 +276,7 @@ class TeacherStudentMethod(Method):
 
     # --- deployment and checkpoints
     def deploy_network(self) -> SegmentationNetwork:
-        return self.teacher if self.options["deploy"] == "teacher" else self.student
+        return self.teacher if self.options.deploy == "teacher" else self.student
 
     def warm_start(
         self,
@@ -262,25 +297,29 @@ class TeacherStudentMethod(Method):
         }
 
 
-@register_method("mean-teacher")
+@dataclass(frozen=True)
+class MeanTeacherOptions(TeacherStudentOptions):
+    """Mean Teacher's settings: the loop's, without the uncertainty filter."""
+
+    uncertainty_filter: bool = option(False, FILTER_HELP)
+
+
+@register_method("mean-teacher", options=MeanTeacherOptions, uses_unlabeled=True)
 class MeanTeacherMethod(TeacherStudentMethod):
     """Mean Teacher (Tarvainen & Valpola 2017): em without the uncertainty filter and without
     matching; MSE of softmax against one noisy EMA-teacher pass on every unlabeled voxel."""
 
-    DEFAULTS = {**TeacherStudentMethod.DEFAULTS, "uncertainty_filter": False, "mc_passes": 1}
+
+@dataclass(frozen=True)
+class UAMTOptions(TeacherStudentOptions):
+    """UA-MT's settings: the loop's, with a Monte Carlo dropout teacher. Published M is 8; the
+    CPU default is 2 (each pass is a teacher forward of the batch)."""
+
+    dropout: Optional[float] = option(0.15, DROPOUT_HELP, NOT_PUBLISHED, SHARE)
+    mc_passes: int = option(2, MC_PASSES_HELP, "8", Range(1))
 
 
-@register_method("ua-mt")
+@register_method("ua-mt", options=UAMTOptions, uses_unlabeled=True)
 class UncertaintyAwareMeanTeacherMethod(TeacherStudentMethod):
     """UA-MT (Yu et al. 2019): em without matching; MC dropout teacher, entropy of the mean,
-    MSE consistency on the voxels under the rising threshold only.
-
-    Published M is 8; the CPU default is 2 (each pass is a teacher forward of the batch).
-    """
-
-    DEFAULTS = {
-        **TeacherStudentMethod.DEFAULTS,
-        "dropout": 0.15,
-        "mc_passes": 2,
-        "uncertainty": "entropy-of-mean",
-    }
+    MSE consistency on the voxels under the rising threshold only."""
