@@ -531,8 +531,11 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = _("Finished: select a case below to review it.")
             self.ui.reviewCollapsibleButton.collapsed = False
-            # the job's own session: also right when the scene was closed during the job
-            self._fillResultsTable(self.logic.workflow.reviewRows())
+            # the job's own session (also right when the scene was closed during the job), as
+            # imported when the job ended
+            workflow = self.logic.workflow
+            rows = workflow.importedRows
+            self._fillResultsTable(rows if rows is not None else workflow.reviewRows())
         self.updateGui()
 
     # -------------------------------------------------------------------- review

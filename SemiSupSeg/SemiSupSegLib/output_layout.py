@@ -14,7 +14,7 @@ A job's output folder (``JobSpec.output``; the demo's and the benchmark's work f
     predictions/                 predict: a prediction folder
         <case>.<ext>             the label map (of a job's unlabeled case: its pseudo-mask)
         uncertainty/<case>.<ext> the voxel-wise uncertainty map
-        scores.csv               one ScoreRow per case, most uncertain first
+        scores.csv               one ScoreRow per case, review order (REVIEW_SCORE) first
         predictions.json         the manifest: model, time, cases, complete or partial
     evaluation/                  evaluate (demo, benchmark)
         metrics.csv              one MetricsRow per case and class
@@ -23,9 +23,9 @@ A job's output folder (``JobSpec.output``; the demo's and the benchmark's work f
 
 import csv
 import io
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Iterable, List, Type, TypeVar, Union
+from typing import ClassVar, Iterable, List, Optional, Type, TypeVar, Union
 
 from SemiSupSegLib.protocol import IMAGE_SUFFIXES, ProtocolError
 
@@ -77,13 +77,32 @@ def uncertainty_file_name(label_file: str) -> str:
 # ---------------------------------------------------------------- tables
 
 
+#: The case scores ``predict`` computes (columns of ``scores.csv``; ``backend.case_scores``
+#: says how), each higher for a case to review sooner:
+#: ``boundary_uncertainty`` the mean uncertainty near the predicted boundary; ``disagreement``
+#: between the deployed model and the method's other trained model (M&N's 2D model);
+#: ``mutual_information`` of Monte Carlo dropout passes (BALD); ``expected_changed_share`` of
+#: the predicted structure a correction is expected to change.
+CASE_SCORES = (
+    "boundary_uncertainty",
+    "disagreement",
+    "mutual_information",
+    "expected_changed_share",
+)
+#: The score the review order follows: ``scores.csv``'s ``score`` column copies it (or
+#: ``boundary_uncertainty``, which every prediction has, where a model cannot give it), and
+#: the panel sorts by ``score``. Switching the order the product ships is this one line.
+REVIEW_SCORE = "boundary_uncertainty"
+
+
 @dataclass(frozen=True)
 class ScoreRow:
-    """One row of ``scores.csv``: a predicted case and its review score.
+    """One row of ``scores.csv``: a predicted case and its review scores.
 
-    ``score`` is the mean uncertainty near the predicted boundary (higher: review first);
-    ``label``, ``uncertainty`` and ``image`` are paths, absolute or relative to the file's
-    folder.
+    ``score`` is the review score (``REVIEW_SCORE``; higher: review first); ``label``,
+    ``uncertainty`` and ``image`` are paths, absolute or relative to the file's folder. The
+    ``CASE_SCORES`` columns follow; one a model cannot give (no second model, no dropout) is
+    empty, and a file written before they existed reads without them.
     """
 
     case: str
@@ -92,8 +111,17 @@ class ScoreRow:
     label: str
     uncertainty: str
     image: str
+    boundary_uncertainty: Optional[float] = None
+    disagreement: Optional[float] = None
+    mutual_information: Optional[float] = None
+    expected_changed_share: Optional[float] = None
 
     float_format: ClassVar[str] = "{}"
+
+    def case_scores(self) -> dict:
+        """The ``CASE_SCORES`` this row has, by name."""
+        scores = ((name, getattr(self, name)) for name in CASE_SCORES)
+        return {name: value for name, value in scores if value is not None}
 
 
 @dataclass(frozen=True)
@@ -141,11 +169,12 @@ def read_table(path: Union[str, Path], row_type: Type[Row]) -> List[Row]:
     """The rows of a CSV table written by ``table_text``, in file order.
 
     Columns are found by name (extra columns are ignored); an empty whole-number cell reads as
-    0. Raises ProtocolError naming the file (and the line) when it cannot be read, lacks a
-    column or holds a cell that is not a number where one is expected.
+    0; a column with a default (added to a table later) may be absent or empty and then reads
+    as its default. Raises ProtocolError naming the file (and the line) when it cannot be read,
+    lacks a column or holds a cell that is not a number where one is expected.
     """
     path = Path(path)
-    names = columns(row_type)
+    names = [f.name for f in fields(row_type) if f.default is MISSING]
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -164,9 +193,11 @@ def _row(record: dict, row_type: Type[Row], path: Path, line: int) -> Row:
     for field in fields(row_type):
         text = record.get(field.name) or ""
         try:
-            if field.type is int:
+            if not text and field.default is not MISSING:
+                values[field.name] = field.default
+            elif field.type is int:
                 values[field.name] = int(float(text or 0))
-            elif field.type is float:
+            elif field.type in (float, Optional[float]):
                 values[field.name] = float(text)
             else:
                 values[field.name] = text

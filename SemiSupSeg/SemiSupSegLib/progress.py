@@ -6,7 +6,7 @@ Plain Python (no Slicer, no Qt): the widget reads ``percent``, ``statusText()``,
 
 import collections
 import time
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from SemiSupSegLib.protocol import (
     EXIT_CANCELLED,
@@ -33,6 +33,15 @@ STAGE_TITLES = {
 
 PLAN_PENDING = "Plan: made from your data and the device when training starts."
 
+#: The parts of a job the log times, in order: the backend starting (Python, torch), its
+#: checks of the data and its plan, training, and the prediction of the unlabeled cases.
+STARTUP, CHECKS, TRAINING, PREDICTION = "start-up", "checks", "training", "prediction"
+TRAINING_STAGES = ("training", "warmup", "warm-up", "co-training")
+#: A round (``Workflow``) adds the export of its inputs before the job and the import of its
+#: results (the review table) after it.
+EXPORT, IMPORT = "export", "import"
+ROUND_PARTS = (EXPORT, STARTUP, CHECKS, TRAINING, PREDICTION, IMPORT)
+
 
 def formatSeconds(seconds: float) -> str:
     """A short duration: 45s, 3m05s, 1h02m."""
@@ -42,6 +51,39 @@ def formatSeconds(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+def formatPartSeconds(seconds: float) -> str:
+    """A part's duration: tenths of a second below 10 s (an export, an import), else as
+    ``formatSeconds``."""
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f}s"
+    return formatSeconds(seconds)
+
+
+def roundTimesText(number: Optional[int], times: Dict[str, float]) -> str:
+    """The log line of a round's times, e.g. 'Round 2 took 6m20s: export 1.2s, start-up 4.1s,
+    checks 3.0s, training 5m02s, prediction 1m10s, import 0.1s.'"""
+    parts = [p for p in ROUND_PARTS if p in times] + sorted(set(times) - set(ROUND_PARTS))
+    total = sum(times[p] for p in parts)
+    name = f"Round {number}" if number is not None else "The job"
+    listed = ", ".join(f"{p} {formatPartSeconds(times[p])}" for p in parts)
+    return f"{name} took {formatPartSeconds(total)}: {listed}."
+
+
+def jobPart(event: Dict[str, Any], current: Optional[str]) -> str:
+    """The part of a job (``CHECKS``, ``TRAINING``, ``PREDICTION``) an event belongs to, given
+    the part of the events before it. Training begins with its ``start`` event and ends when
+    its model is written (its ``output`` event); the checks of the images to predict that
+    follow belong to the prediction."""
+    kind, stage = event.get("event"), event.get("stage", "")
+    if kind == "output" and stage in TRAINING_STAGES:
+        return PREDICTION
+    if kind == "start" or stage in TRAINING_STAGES:
+        return TRAINING
+    if stage == "prediction" or (stage == "validation" and current in (TRAINING, PREDICTION)):
+        return PREDICTION
+    return current or CHECKS
 
 
 def stageTitle(stage: str) -> str:
@@ -137,6 +179,9 @@ class ProgressModel:
         self.cancelled = False
         self.startTime = time.time()
         self.endTime: Optional[float] = None
+        # (part, the backend's time of its first event), in order; see ``partSeconds``
+        self._parts: List[Tuple[str, float]] = []
+        self._lastEventTime: Optional[float] = None
 
     # ------------------------------------------------------------------ input
 
@@ -155,6 +200,7 @@ class ProgressModel:
 
     def feedEvent(self, event: Dict[str, Any]) -> None:
         self.events += 1
+        self._timePart(event)
         kind = event.get("event")
         if event.get("stage") and kind in ("start", "stage", "progress"):
             if event["stage"] != self.stage:
@@ -188,6 +234,28 @@ class ProgressModel:
         line = describeEvent(event)
         if line:
             self.addLog(line)
+
+    def _timePart(self, event: Dict[str, Any]) -> None:
+        stamp = event.get("time")
+        if not isinstance(stamp, (int, float)):
+            return
+        current = self._parts[-1][0] if self._parts else None
+        part = jobPart(event, current)
+        if part != current:
+            self._parts.append((part, float(stamp)))
+        self._lastEventTime = float(stamp)
+
+    def partSeconds(self) -> Dict[str, float]:
+        """Seconds each part of the job took, in order (``STARTUP``: from the launch to the
+        backend's first event; the others between the backend's own timestamps, the last part
+        up to its last event)."""
+        if not self._parts:
+            return {}
+        seconds = {STARTUP: max(0.0, self._parts[0][1] - self.startTime)}
+        ends = [start for _, start in self._parts[1:]] + [self._lastEventTime]
+        for (part, start), end in zip(self._parts, ends):
+            seconds[part] = seconds.get(part, 0.0) + max(0.0, end - start)
+        return seconds
 
     def addLog(self, text: str) -> None:
         """Add ``text`` to the log, a line per line of it (a plan's table is several)."""

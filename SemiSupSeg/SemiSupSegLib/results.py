@@ -47,6 +47,8 @@ class ReviewRow:
     round: int
     status: str = STATUS_TO_REVIEW
     acceptedLabel: str = ""
+    # every case score the prediction gave (``output_layout.CASE_SCORES``), by name
+    caseScores: Dict[str, float] = field(default_factory=dict)
 
     def statusText(self) -> str:
         if self.status == STATUS_ACCEPTED:
@@ -77,6 +79,7 @@ def readScores(path, roundNumber: int = 0) -> List[ReviewRow]:
             uncertainty=_absolute(score.uncertainty, path.parent),
             image=_absolute(score.image, path.parent),
             round=roundNumber,
+            caseScores=score.case_scores(),
         )
         for score in scores
     ]
@@ -120,6 +123,9 @@ class RoundRecord:
     labeled: List[str] = field(default_factory=list)
     unlabeled: List[Dict[str, str]] = field(default_factory=list)
     outputs: Dict[str, str] = field(default_factory=dict)
+    # seconds each part of the round took (``Workflow``): export, start-up, checks, training,
+    # prediction, import
+    times: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,10 +211,24 @@ class Session:
         self.save()
         return record
 
-    def finishRound(self, number: int, status: str, outputs: Optional[Dict[str, str]] = None):
+    def finishRound(
+        self,
+        number: int,
+        status: str,
+        outputs: Optional[Dict[str, str]] = None,
+        times: Optional[Dict[str, float]] = None,
+    ):
         record = self.round(number)
         record.status = status
         record.outputs = dict(outputs or {})
+        record.times.update(times or {})
+        self.save()
+        return record
+
+    def recordTimes(self, number: int, times: Dict[str, float]) -> RoundRecord:
+        """Add ``times`` (seconds by part) to round ``number``'s record."""
+        record = self.round(number)
+        record.times.update(times)
         self.save()
         return record
 

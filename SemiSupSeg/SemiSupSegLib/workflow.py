@@ -4,6 +4,10 @@
 passes ``slicer.mrmlScene`` and ``BackendProcess``, and tests pass a ``slicer-core`` scene and
 a real or fake process. Nothing here waits for the backend except ``wait`` (for scripts).
 
+Each round's parts are timed (export, the backend's start-up, checks, training and prediction,
+and the import of its results into the review table); the times are kept in the session and
+written to the job's log when it ends.
+
 A Python console user can script a round::
 
     wf = logic.workflow  # or Workflow(slicer.mrmlScene, "/data/session", python=...)
@@ -14,6 +18,7 @@ A Python console user can script a round::
 """
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -26,6 +31,7 @@ from SemiSupSegLib.backend_process import (
 )
 from SemiSupSegLib.job_export import ExportProgress, JobExporter, LabeledPair
 from SemiSupSegLib.job_runner import JobRunner
+from SemiSupSegLib.progress import EXPORT, IMPORT, roundTimesText
 from SemiSupSegLib.protocol import JOB_FILE_NAME, JobSpec
 from SemiSupSegLib.results import ResultsError, ReviewRow, Session
 from SemiSupSegLib.scene_import import LoadedCase, loadReviewCase
@@ -56,6 +62,8 @@ class Workflow:
         self.currentRound: Optional[int] = None
         self.sourceVolumes: Dict[str, Any] = {}
         self.loaded: Dict[str, LoadedCase] = {}
+        #: The review rows of the last round that finished, as imported when it did.
+        self.importedRows: Optional[List[ReviewRow]] = None
 
     @property
     def outputFolder(self) -> Path:
@@ -125,6 +133,7 @@ class Workflow:
                 )
         number, jobDir = self.session.newRound()
         exporter = JobExporter(self.scene, jobDir)
+        started = time.perf_counter()
         try:
             job, table = exporter.export(
                 list(pairs),
@@ -142,6 +151,7 @@ class Workflow:
             raise
         self.sourceVolumes.update(exporter.exportedNodes)
         self.session.recordRound(number, jobDir, job, table)
+        self.session.recordTimes(number, {EXPORT: time.perf_counter() - started})
         return jobDir / JOB_FILE_NAME
 
     # ----------------------------------------------------------------------- run
@@ -192,10 +202,25 @@ class Workflow:
         return None
 
     def _finished(self, number: Optional[int], runner: JobRunner) -> None:
+        """Record the round's outcome and times; import a finished round's results (its review
+        rows, ``importedRows``) and log how long each part of the round took."""
+        self.importedRows = None
         if number is None:
             return
         status = "finished" if runner.succeeded else "cancelled" if runner.cancelled else "failed"
-        self.session.finishRound(number, status, runner.progress.outputs)
+        progress = runner.progress
+        self.session.finishRound(number, status, progress.outputs, progress.partSeconds())
+        if not runner.succeeded:
+            return
+        started = time.perf_counter()
+        try:
+            self.importedRows = self.session.reviewRows(number)
+        except ResultsError as err:
+            self.importedRows = None
+            progress.addLog(f"Could not read the results: {err}")
+            return
+        record = self.session.recordTimes(number, {IMPORT: time.perf_counter() - started})
+        progress.addLog(roundTimesText(number, record.times))
 
     # -------------------------------------------------------------------- review
 

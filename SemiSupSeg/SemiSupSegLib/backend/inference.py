@@ -1,15 +1,17 @@
 """Prediction: MONAI sliding-window inference with gaussian blending, a label map and a voxel-wise
-uncertainty map per case in the input's exact geometry, and a per-case score for review order.
+uncertainty map per case in the input's exact geometry, and per-case scores for review order.
 
 Uncertainty is the entropy of the predicted class distribution, in nats (0 .. ln C): the
 softmax entropy for one pass, or with ``mc_samples`` > 1 the mean entropy of Monte Carlo
-dropout passes. The case score is the mean uncertainty in a band of voxels around the
-predicted boundary, where errors concentrate; higher means review first.
+dropout passes. The case scores (``case_scores``: the boundary uncertainty, the disagreement
+with the method's other trained model, BALD, the expected changed share) say which case to
+review first; ``scores.csv`` holds them all and its ``score`` column the one the product
+ships (``output_layout.REVIEW_SCORE``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -17,9 +19,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
-from scipy import ndimage
+from torch import nn
 
 from SemiSupSegLib.backend.atomic_files import write_text_atomic
+from SemiSupSegLib.backend.case_scores import (  # noqa: F401  (boundary_score re-exported)
+    CaseScores,
+    boundary_score,
+    working_grid_scores,
+)
 from SemiSupSegLib.backend.checkpoint import load_checkpoint, model_file
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import Case
@@ -28,6 +35,7 @@ from SemiSupSegLib.backend.errors import CancelledError, ConfigError, DataError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.folder_lock import FolderLock
 from SemiSupSegLib.backend.networks import SegmentationNetwork, network_from_spec
+from SemiSupSegLib.backend.networks2d import SliceWise
 from SemiSupSegLib.backend.prediction_manifest import (
     COMPLETE,
     PARTIAL,
@@ -46,11 +54,13 @@ from SemiSupSegLib.backend.uncertainty import (  # noqa: F401  (re-exported)
     batched_passes,
     enable_mc_dropout,
     entropy,
+    has_dropout,
     uncertainty_from_passes,
 )
 from SemiSupSegLib.backend.validation import validate_image
 from SemiSupSegLib.backend.volumes import read_image, write_image
 from SemiSupSegLib.output_layout import (
+    CHECKPOINT_FILE,
     SCORES_FILE,
     ScoreRow,
     label_file_name,
@@ -59,28 +69,57 @@ from SemiSupSegLib.output_layout import (
 )
 from SemiSupSegLib.protocol import case_name_problem, shorten
 
+#: Slices a slice-wise companion model predicts per forward.
+COMPANION_SLICES = 16
 #: Monte Carlo dropout passes at most: each pass holds a copy of the class probabilities.
 MAX_MC_SAMPLES = 100
 
 
 @dataclass
 class CasePrediction:
+    """One predicted case: label and uncertainty images, its review ``score``
+    (``scores.review``) and all its case scores."""
+
     name: str
     label: sitk.Image
     uncertainty: sitk.Image
     score: float
     foreground_voxels: int
+    scores: CaseScores = field(default_factory=lambda: CaseScores(0.0))
 
 
-def boundary_score(label: np.ndarray, uncertainty: np.ndarray, width: int = 2) -> float:
-    """Mean uncertainty within ``width`` voxels of the predicted boundary (whole volume if empty)."""
-    foreground = label > 0
-    if not foreground.any():
-        return float(uncertainty.mean())
-    band = ndimage.binary_dilation(foreground, iterations=width) & ~ndimage.binary_erosion(
-        foreground, iterations=width
-    )
-    return float(uncertainty[band].mean())
+def companion_network(run: str | Path, device: torch.device) -> Optional[nn.Module]:
+    """The method's other trained model beside the one it deploys (M&N's 2D model), from the
+    final checkpoint of the run folder ``run`` (or of a model file's folder), in eval mode;
+    None when the method has none, or the checkpoint is absent, unreadable or of another
+    training than the model file (another run, or an unfinished one)."""
+    from SemiSupSegLib.backend.methods import Method, create_method, method_class
+
+    path = model_file(run)
+    checkpoint = path.parent / CHECKPOINT_FILE
+    if not checkpoint.exists():
+        return None
+    try:
+        model = load_checkpoint(path)
+        state = load_checkpoint(checkpoint) if checkpoint != path else model
+        if (state.get("run_id"), state.get("iteration")) != (
+            model.get("run_id"),
+            model.get("iteration"),
+        ):
+            return None
+        config = TrainConfig.from_dict(state["config"])
+        if method_class(config.method).companions is Method.companions:
+            return None
+        num_classes = int(state["model"]["spec"]["num_classes"])
+        method = create_method(config, num_classes, device)
+        companions = method.companions()
+        if len(companions) != 1:
+            return None
+        ((name, network),) = companions.items()
+        network.load_state_dict(state["method_state"][name])
+    except (KeyError, RuntimeError, TypeError, ValueError):  # DataError, ConfigError too
+        return None  # the disagreement score is left out; the prediction itself is unaffected
+    return network.to(device).eval()
 
 
 class Predictor:
@@ -95,10 +134,14 @@ class Predictor:
         overlap: Optional[float] = None,
         sw_batch_size: Optional[int] = None,
         mc_chunk: Optional[int] = None,
+        companion: Optional[nn.Module] = None,
     ) -> None:
         """``overlap`` and ``sw_batch_size`` (None: the model's ``sliding_window_overlap`` and
-        ``sliding_window_batch``, or their defaults in a model written before they were kept)."""
+        ``sliding_window_batch``, or their defaults in a model written before they were kept).
+        ``companion``: the method's other trained model (``companion_network``), which maps
+        the same input to class logits; its disagreement with ``network`` is a case score."""
         self.network = network.to(device).eval()
+        self.companion = companion.to(device).eval() if companion is not None else None
         self.classes = classes
         self.preprocessing = preprocessing
         self.device = device
@@ -118,20 +161,30 @@ class Predictor:
         self.source: Dict[str, Any] = {}
 
     @classmethod
-    def from_run(cls, run: str | Path, device: str = "auto", **kwargs: Any) -> Predictor:
-        """Load ``model.pt`` (or ``checkpoint.pt``) from a run folder or a file path."""
+    def from_run(
+        cls, run: str | Path, device: str = "auto", companion: bool = True, **kwargs: Any
+    ) -> Predictor:
+        """Load ``model.pt`` (or ``checkpoint.pt``) from a run folder or a file path, and with
+        ``companion`` the method's other trained model where the run has one
+        (``companion_network``)."""
         path = model_file(run)
         state = load_checkpoint(path)
         network = network_from_spec(state["model"]["spec"])
         network.load_state_dict(state["model"]["state_dict"])
         classes = {int(k): v for k, v in state["classes"].items()}
-        predictor = cls(network, classes, state["preprocessing"], select_device(device), **kwargs)
+        torch_device = select_device(device)
+        other = companion_network(path, torch_device) if companion else None
+        predictor = cls(
+            network, classes, state["preprocessing"], torch_device, companion=other, **kwargs
+        )
         predictor.source = {
             "file": str(path.absolute()),
             "iteration": state.get("iteration"),
             "iterations": state.get("config", {}).get("iterations"),
             "run_id": state.get("run_id"),
         }
+        if other is not None:
+            predictor.source["companion"] = str((path.parent / CHECKPOINT_FILE).absolute())
         return predictor
 
     def prepare(self, name: str, image: sitk.Image) -> PreparedVolume:
@@ -147,22 +200,26 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def sliding_window(self, image: torch.Tensor, mc_samples: int = 1) -> torch.Tensor:
+    def sliding_window(
+        self, image: torch.Tensor, mc_samples: int = 1, network: Optional[nn.Module] = None
+    ) -> torch.Tensor:
         """Gaussian-blended logits (1, passes * C, z, y, x) of ``image`` (1, 1, z, y, x), on
         the device: all the network work of a prediction.
 
         ``sw_batch_size`` windows go through the network per forward; with ``mc_samples`` > 1
         the Monte Carlo dropout passes are copies of those windows in the same forward (at
-        most ``mc_chunk`` copies at a time), blended per pass as extra channels.
+        most ``mc_chunk`` copies at a time), blended per pass as extra channels. ``network``:
+        another model to run the same way (default: the deployed one).
         """
+        network = self.network if network is None else network
         passes = max(1, mc_samples)
-        self.network.eval()
+        network.eval()
         if passes > 1:
-            enable_mc_dropout(self.network)
+            enable_mc_dropout(network)
 
         def all_passes(window: torch.Tensor) -> torch.Tensor:
             # (passes, n, C, ...) -> (n, passes * C, ...): the blending treats passes as channels
-            out = batched_passes(self.network, window, passes, chunk=self.mc_chunk)
+            out = batched_passes(network, window, passes, chunk=self.mc_chunk)
             return out.transpose(0, 1).reshape(window.shape[0], -1, *out.shape[3:])
 
         try:
@@ -176,7 +233,31 @@ class Predictor:
                 padding_mode="constant",
             )
         finally:
-            self.network.eval()
+            network.eval()
+
+    @torch.no_grad()
+    def softmax_passes(self, volume: PreparedVolume, mc_samples: int = 1) -> torch.Tensor:
+        """Class probabilities of each pass (passes, 1, C, z, y, x) on the working grid, on
+        the device (``sliding_window``)."""
+        image = torch.as_tensor(volume.image[None], device=self.device)
+        passes = max(1, mc_samples)
+        num_classes = int(self.network.spec["num_classes"])
+        logits = self.sliding_window(image, passes)
+        return torch.softmax(
+            logits.float()[0].reshape(passes, num_classes, *logits.shape[2:]), dim=1
+        )[:, None]
+
+    @staticmethod
+    def summarise(stacked: torch.Tensor) -> tuple:
+        """Mean class probabilities (C, z, y, x) and uncertainty (z, y, x) of the passes
+        ``stacked`` (passes, 1, C, z, y, x): the mean of the passes' entropies, or for one
+        pass its softmax entropy."""
+        mean = stacked.mean(0)[0]
+        if stacked.shape[0] > 1:
+            uncertainty = uncertainty_from_passes(stacked, "mean-entropy")[0]
+        else:
+            uncertainty = entropy(mean, dim=0)
+        return mean, uncertainty
 
     @torch.no_grad()
     def probabilities(self, volume: PreparedVolume, mc_samples: int = 1) -> tuple:
@@ -185,24 +266,40 @@ class Predictor:
         With ``mc_samples`` > 1 the Monte Carlo dropout passes run batched inside each sliding
         window (see ``sliding_window``); the map is the mean of the passes' entropies.
         """
-        image = torch.as_tensor(volume.image[None], device=self.device)
-        passes = max(1, mc_samples)
-        num_classes = int(self.network.spec["num_classes"])
-        logits = self.sliding_window(image, passes)
-        stacked = torch.softmax(
-            logits.float()[0].reshape(passes, num_classes, *logits.shape[2:]), dim=1
-        )[:, None]
-        mean = stacked.mean(0)[0]
-        if passes > 1:
-            uncertainty = uncertainty_from_passes(stacked, "mean-entropy")[0]
-        else:
-            uncertainty = entropy(mean, dim=0)
+        mean, uncertainty = self.summarise(self.softmax_passes(volume, mc_samples))
         return mean.cpu().numpy(), uncertainty.cpu().numpy()
+
+    @torch.no_grad()
+    def companion_probabilities(self, volume: PreparedVolume) -> Optional[np.ndarray]:
+        """The companion model's class probabilities (C, z, y, x) on the working grid, or
+        None without a companion. A slice-wise 2D model (M&N's) sees whole slices, a few at a
+        time: each slice once, with all its context (no windows to blend, an eighth of the
+        work of overlapping ones); any other model goes through the sliding window."""
+        if self.companion is None:
+            return None
+        image = torch.as_tensor(volume.image[None], device=self.device)
+        if isinstance(self.companion, SliceWise):
+            chunk = self.companion.chunk
+            self.companion.chunk = COMPANION_SLICES
+            try:
+                logits = self.companion(image)
+            finally:
+                self.companion.chunk = chunk
+        else:
+            logits = self.sliding_window(image, 1, self.companion)
+        return torch.softmax(logits.float()[0], dim=0).cpu().numpy()
 
     def predict(self, name: str, image: sitk.Image, mc_samples: int = 1) -> CasePrediction:
         """Predict one case; the label and uncertainty images have ``image``'s geometry."""
         volume = self.prepare(name, image)
-        probs, uncertainty = self.probabilities(volume, mc_samples)
+        stacked = self.softmax_passes(volume, mc_samples)
+        mean, uncertainty = self.summarise(stacked)
+        information = None
+        if stacked.shape[0] > 1 and has_dropout(self.network):
+            information = uncertainty_from_passes(stacked, "mutual-information")[0].cpu().numpy()
+        probs, uncertainty = mean.cpu().numpy(), uncertainty.cpu().numpy()
+        del stacked, mean
+        working = working_grid_scores(probs, information, self.companion_probabilities(volume))
         if volume.working.GetSize() != image.GetSize() or self.preprocessing.get("target_spacing"):
             probs = np.stack([_resample_array(p, volume.working, image) for p in probs])
             uncertainty = _resample_array(uncertainty, volume.working, image)
@@ -212,12 +309,9 @@ class Predictor:
         label_image.CopyInformation(image)
         uncertainty_image = sitk.GetImageFromArray(uncertainty)
         uncertainty_image.CopyInformation(image)
+        scores = CaseScores(boundary_uncertainty=boundary_score(label, uncertainty), **working)
         return CasePrediction(
-            name,
-            label_image,
-            uncertainty_image,
-            boundary_score(label, uncertainty),
-            int((label > 0).sum()),
+            name, label_image, uncertainty_image, scores.review, int((label > 0).sum()), scores
         )
 
 
@@ -291,6 +385,10 @@ def predict_cases(
                         label=str(out_dir / name),
                         uncertainty=str(out_dir / uncertainty_file_name(name)),
                         image=str(case.image),
+                        **{
+                            key: None if value is None else round(value, 6)
+                            for key, value in result.scores.as_dict().items()
+                        },
                     )
                 )
                 events.progress("prediction", index + 1, total, message=case.name)

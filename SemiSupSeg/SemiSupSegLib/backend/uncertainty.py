@@ -104,3 +104,12 @@ def uncertainty_from_passes(stack: torch.Tensor, kind: str = "mean-entropy") -> 
     if kind == "mutual-information":
         return (entropy(stack.mean(0), dim=1) - entropy(stack, dim=2).mean(0)).clamp_min(0.0)
     raise ValueError(f"unknown uncertainty {kind!r}; use one of {UNCERTAINTY_KINDS}")
+
+
+def has_dropout(network: nn.Module) -> bool:
+    """Whether ``network`` has a dropout layer that drops anything (p > 0): without one, Monte
+    Carlo passes are all the same and their mutual information is zero by construction."""
+    return any(
+        isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+        for module in network.modules()
+    )
