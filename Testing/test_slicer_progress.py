@@ -7,8 +7,10 @@ from SemiSupSegLib.progress import (
     PLAN_PENDING,
     ProgressModel,
     describeEvent,
+    formatPartSeconds,
     formatSeconds,
     planSummary,
+    roundTimesText,
 )
 from SemiSupSegLib.protocol import EXIT_CANCELLED, EXIT_FAILED, encode_event, make_event
 from slicer_side_helpers import FakeProcess, planEventLine
@@ -24,6 +26,48 @@ def test_format_seconds():
     assert formatSeconds(185) == "3m05s"
     assert formatSeconds(3725) == "1h02m"
     assert formatSeconds(-5) == "0s"
+
+
+def test_a_jobs_parts_are_timed_from_the_backends_events():
+    """Start-up until the first event, checks until training starts, training until its model
+    is written, prediction (with the checks of its images) until the last event."""
+    model = ProgressModel()
+    model.startTime = 100.0
+    events = [
+        ("stage", 103.0, {"stage": "validation", "message": "checking"}),
+        ("plan", 104.0, {"stage": "planning", "plan": {"values": {}}}),
+        ("start", 105.0, {"stage": "training", "total": 10}),
+        ("progress", 110.0, {"stage": "warm-up", "iteration": 1, "total": 10}),
+        ("log", 115.0, {"message": "warm start from the last round"}),
+        ("stage", 120.0, {"stage": "co-training"}),
+        ("output", 150.0, {"stage": "training", "outputs": {"model": "m"}}),
+        ("stage", 151.0, {"stage": "validation", "message": "checking 3 image(s)"}),
+        ("stage", 152.0, {"stage": "prediction", "iteration": 0, "total": 3}),
+        ("progress", 160.0, {"stage": "prediction", "iteration": 3, "total": 3}),
+        ("output", 170.0, {"stage": "job", "outputs": {"scores": "s"}}),
+        ("done", 171.0, {}),
+    ]
+    for kind, time, fields in events:
+        event = make_event(kind, **fields)
+        event["time"] = time
+        model.feedLine(encode_event(event))
+    assert model.partSeconds() == {
+        "start-up": 3.0,
+        "checks": 2.0,
+        "training": 45.0,
+        "prediction": 21.0,
+    }
+    times = {"import": 0.04, "export": 1.23, **model.partSeconds()}
+    assert roundTimesText(2, times) == (
+        "Round 2 took 1m12s: export 1.2s, start-up 3.0s, checks 2.0s, training 45s, "
+        "prediction 21s, import 0.04s."
+    )
+    assert ProgressModel().partSeconds() == {}
+    assert (formatPartSeconds(0.034), formatPartSeconds(9.94), formatPartSeconds(75)) == (
+        "0.03s",
+        "9.9s",
+        "1m15s",
+    )
 
 
 def test_training_progress_stage_iteration_losses_eta():

@@ -50,6 +50,20 @@ def test_read_scores_sorted_most_uncertain_first(tmp_path):
     assert (rows[0].round, rows[0].foregroundVoxels, rows[0].status) == (2, 0, "to review")
 
 
+def test_case_scores_are_read_and_a_file_without_them_still_reads(tmp_path):
+    """scores.csv's case-score columns reach the review row; an empty cell (a score the model
+    cannot give) is left out, and a file written before the columns existed reads as before."""
+    scores = tmp_path / SCORES_FILE
+    cells = ["a", "0.5", "3", "a.nrrd", "u/a.nrrd", "/d/a.nrrd", "0.5", "", "", "0.25"]
+    write_scores(scores, [cells])
+    (row,) = readScores(scores)
+    assert row.caseScores == {"boundary_uncertainty": 0.5, "expected_changed_share": 0.25}
+    old = tmp_path / "old.csv"
+    old.write_text("case,score,foreground_voxels,label,uncertainty,image\nb,0.2,1,b,u,i\n")
+    (row,) = readScores(old)
+    assert (row.case, row.score, row.caseScores) == ("b", 0.2, {})
+
+
 def test_bad_scores_files_are_reported(tmp_path):
     bad = tmp_path / SCORES_FILE
     bad.write_text("case,score\na,1\n")

@@ -12,6 +12,7 @@ import pytest
 from SemiSupSegLib import mrml_io
 from SemiSupSegLib.job_export import ExportCancelled, LabeledPair
 from SemiSupSegLib.output_layout import MODEL_FILE, RUN_FOLDER
+from SemiSupSegLib.progress import roundTimesText
 from SemiSupSegLib.protocol import JobSpec
 from SemiSupSegLib.scene_import import ROLE_PSEUDO_MASK, findCaseNode
 from SemiSupSegLib.training_options import TrainingOptions
@@ -63,6 +64,11 @@ def test_a_whole_round_with_the_real_backend(tmp_path):
     assert nodeIds(scene) == before  # running changes nothing in the scene
     assert runner.progress.percent == 100
     assert workflow.session.round(1).status == "finished"
+    times = workflow.session.round(1).times  # kept in the session, said in the log
+    parts = ["export", "start-up", "checks", "training", "prediction", "import"]
+    assert list(times) == parts and times["training"] > 0 and times["prediction"] > 0
+    assert [line for line in runner.progress.log if " took " in line] == [roundTimesText(1, times)]
+    assert [r.case for r in workflow.importedRows] == ["case004"]
 
     rows = workflow.reviewRows()
     assert [r.case for r in rows] == ["case004"]
@@ -116,6 +122,9 @@ def test_a_whole_round_with_the_real_backend(tmp_path):
     assert workflow.wait(timeout=300)
     assert runner.succeeded, runner.progress.errorText
     assert any("warm start" in line for line in runner.progress.log)
+    assert runner.progress.log[-1] == roundTimesText(2, workflow.session.round(2).times)
+    assert runner.progress.log[-1].startswith("Round 2 took ")
+    assert workflow.importedRows == []  # nothing left unlabeled to predict
     session = json.loads((tmp_path / "session" / "semisupseg-session.json").read_text())
     assert [r["status"] for r in session["rounds"]] == ["finished", "finished"]
 

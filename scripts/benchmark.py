@@ -142,63 +142,16 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
     key = run_key(args, method, labels, seed)
     work = Path(args.work) / key
     work.mkdir(parents=True, exist_ok=True)
-    log = work / "log.txt"
     (work / "labeled.txt").write_text("\n".join(split.labeled(labels)) + "\n")
     scored = split.validation if args.score == "val" else split.test
     held_out = split.test + (split.validation if args.score else [])
     (work / "test.txt").write_text("\n".join(held_out) + "\n")
-    cli = [sys.executable, "-m", "SemiSupSegLib.backend"]
-    events = work / "events.jsonl"
-    # A finished training (final model and its time recorded) is reused; an interrupted one
-    # (checkpoint, no final model) resumes; anything else starts afresh.
-    earlier, peak_file = work / "train_seconds.txt", work / "train_peak_mib.txt"
-    earlier_cpu = work / "train_cpu_seconds.txt"
-    run, predictions = work / RUN_FOLDER, work / PREDICTIONS_FOLDER
-    evaluation = work / EVALUATION_FOLDER
-    model = run / MODEL_FILE
-    if model.exists() and earlier.exists():
-        train_seconds = float(earlier.read_text())
-        peak_mib = float(peak_file.read_text()) if peak_file.exists() else None
-        cpu_seconds = float(earlier_cpu.read_text()) if earlier_cpu.exists() else None
-    else:
-        resume = (run / CHECKPOINT_FILE).exists() and not model.exists()
-        if not resume:
-            for stale in (events, earlier, peak_file, earlier_cpu):
-                if stale.exists():
-                    stale.unlink()
-        train = cli + [
-            "train", "--data", str(args.data), "--labeled", str(work / "labeled.txt"),
-            "--exclude", str(work / "test.txt"), "--method", method, "--network", args.network,
-            "--iterations", str(args.iterations), "--seed", str(seed), "--device", args.device,
-            "--out", str(run), "--events", str(events), "--quiet",
-        ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
-        train += ["--plan", args.plan]
-        if args.init_from and not resume:
-            train += ["--init-from", str(Path(args.work) / args.init_from / RUN_FOLDER)]
-        status, seconds, peak_mib, cpu_seconds = run_command(train, log, args.threads)
-        train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
-        earlier.write_text(str(train_seconds))
-        cpu_seconds += float(earlier_cpu.read_text()) if earlier_cpu.exists() else 0.0
-        earlier_cpu.write_text(str(cpu_seconds))
-        if peak_file.exists():
-            peak_mib = max(peak_mib, float(peak_file.read_text()))
-        peak_file.write_text(str(peak_mib))
-        if status != 0:
-            if model.exists():
-                model.unlink()  # not a finished training: the next run resumes the checkpoint
-            raise SystemExit(f"training failed ({status}); see {log}; run again to resume")
-    images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in scored]
-    predict = cli + ["predict", "--run", str(run), "--input", *images,
-                     "--out", str(predictions), "--device", args.device, "--quiet"]  # fmt: skip
-    status, predict_seconds, _, _ = run_command(predict, log, args.threads)
-    if status != 0:
-        raise SystemExit(f"prediction failed ({status}); see {log}")
-    evaluate = cli + ["evaluate", "--pred", str(predictions), "--truth", str(args.data),
-                      "--out", str(evaluation)]  # fmt: skip
-    status, _, _, _ = run_command(evaluate, log, args.threads)
-    if status != 0:
-        raise SystemExit(f"evaluation failed ({status}); see {log}")
-    summary = json.loads((evaluation / SUMMARY_FILE).read_text())
+    init_from = Path(args.work) / args.init_from / RUN_FOLDER if args.init_from else None
+    trained = train_run(args, work, method, seed, args.iterations, init_from)
+    run = work / RUN_FOLDER
+    predict_seconds, summary = score_run(
+        args, run, scored, work / PREDICTIONS_FOLDER, work / EVALUATION_FOLDER, work / "log.txt"
+    )
     plan_file = run / PLAN_FILE
     return {
         "key": key,
@@ -215,16 +168,100 @@ def run_one(args: argparse.Namespace, split, method: str, labels: int, seed: int
         "init_from": args.init_from,
         "test_cases": len(scored),
         "threads": args.threads,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(cpu_seconds, 1) if cpu_seconds is not None else None,
+        **trained,
         "predict_seconds": round(predict_seconds, 1),
-        "iterations_per_second": training_rate(events),
-        "peak_memory_mib": round(peak_mib) if peak_mib is not None else None,
         "summary": summary,
-        "case_dice": case_dice(evaluation / METRICS_FILE),
+        "case_dice": case_dice(work / EVALUATION_FOLDER / METRICS_FILE),
         "date": time.strftime("%Y-%m-%d"),
         "command": shlex.join([sys.executable, "scripts/benchmark.py"] + sys.argv[1:]),
     }
+
+
+def train_run(
+    args: argparse.Namespace,
+    work: Path,
+    method: str,
+    seed: int,
+    iterations: int,
+    init_from: Path | None = None,
+) -> dict:
+    """Train ``method`` into ``work/run`` on the cases of ``work/labeled.txt`` (labeled) and the
+    other cases of ``args.data`` except those of ``work/test.txt`` (unlabeled), with the
+    settings of ``args`` (network, plan, ``--set``, device, threads), warm-started from the run
+    folder ``init_from`` if given. A finished training (final model and its time recorded) is
+    reused; an interrupted one (checkpoint, no final model) resumes; anything else starts
+    afresh. Returns the training's wall and CPU seconds, peak memory and iterations per second.
+    """
+    cli = [sys.executable, "-m", "SemiSupSegLib.backend"]
+    log, events = work / "log.txt", work / "events.jsonl"
+    earlier, peak_file = work / "train_seconds.txt", work / "train_peak_mib.txt"
+    earlier_cpu = work / "train_cpu_seconds.txt"
+    run = work / RUN_FOLDER
+    model = run / MODEL_FILE
+    if model.exists() and earlier.exists():
+        train_seconds = float(earlier.read_text())
+        peak_mib = float(peak_file.read_text()) if peak_file.exists() else None
+        cpu_seconds = float(earlier_cpu.read_text()) if earlier_cpu.exists() else None
+    else:
+        resume = (run / CHECKPOINT_FILE).exists() and not model.exists()
+        if not resume:
+            for stale in (events, earlier, peak_file, earlier_cpu):
+                if stale.exists():
+                    stale.unlink()
+        train = cli + [
+            "train", "--data", str(args.data), "--labeled", str(work / "labeled.txt"),
+            "--exclude", str(work / "test.txt"), "--method", method, "--network", args.network,
+            "--iterations", str(iterations), "--seed", str(seed), "--device", args.device,
+            "--out", str(run), "--events", str(events), "--quiet",
+        ] + [x for s in args.set for x in ("--set", s)] + (["--resume"] if resume else [])  # fmt: skip
+        train += ["--plan", args.plan]
+        if init_from and not resume:
+            train += ["--init-from", str(init_from)]
+        status, seconds, peak_mib, cpu_seconds = run_command(train, log, args.threads)
+        train_seconds = seconds + (float(earlier.read_text()) if earlier.exists() else 0.0)
+        earlier.write_text(str(train_seconds))
+        cpu_seconds += float(earlier_cpu.read_text()) if earlier_cpu.exists() else 0.0
+        earlier_cpu.write_text(str(cpu_seconds))
+        if peak_file.exists():
+            peak_mib = max(peak_mib, float(peak_file.read_text()))
+        peak_file.write_text(str(peak_mib))
+        if status != 0:
+            if model.exists():
+                model.unlink()  # not a finished training: the next run resumes the checkpoint
+            raise SystemExit(f"training failed ({status}); see {log}; run again to resume")
+    return {
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1) if cpu_seconds is not None else None,
+        "iterations_per_second": training_rate(events),
+        "peak_memory_mib": round(peak_mib) if peak_mib is not None else None,
+    }
+
+
+def score_run(
+    args: argparse.Namespace,
+    run: Path,
+    cases: list,
+    predictions: Path,
+    evaluation: Path,
+    log: Path,
+    extra: tuple = (),
+) -> tuple:
+    """Predict ``cases`` of ``args.data`` with the model of ``run`` into ``predictions`` (with
+    the ``extra`` arguments of ``predict``) and evaluate them against their labels into
+    ``evaluation``; returns the prediction's wall seconds and the evaluation's summary."""
+    cli = [sys.executable, "-m", "SemiSupSegLib.backend"]
+    images = [str(Path(args.data) / "imagesTr" / f"{name}.nii.gz") for name in cases]
+    predict = cli + ["predict", "--run", str(run), "--input", *images,
+                     "--out", str(predictions), "--device", args.device, "--quiet", *extra]  # fmt: skip
+    status, predict_seconds, _, _ = run_command(predict, log, args.threads)
+    if status != 0:
+        raise SystemExit(f"prediction failed ({status}); see {log}")
+    evaluate = cli + ["evaluate", "--pred", str(predictions), "--truth", str(args.data),
+                      "--out", str(evaluation)]  # fmt: skip
+    status, _, _, _ = run_command(evaluate, log, args.threads)
+    if status != 0:
+        raise SystemExit(f"evaluation failed ({status}); see {log}")
+    return predict_seconds, json.loads((evaluation / SUMMARY_FILE).read_text())
 
 
 def case_dice(metrics_csv: Path) -> dict:
@@ -682,6 +719,7 @@ def write_report(all_results: list) -> None:
         "final configuration once (`scripts/benchmark.py`, its docstring says how).",
         "",
         *protocol_lines(all_results),
+        *sibling_sections(),
         "## MSD Hippocampus, earlier protocol",
         "",
         "These runs predate the validation protocol: their defaults were chosen by scores on",
@@ -776,20 +814,36 @@ def write_report(all_results: list) -> None:
     fig.savefig(PLOT, dpi=100)
 
 
-def save_result(result: dict) -> list:
-    """Add (or replace) one result in the results file under a lock: several benchmark
-    processes may run at once."""
+def save_result(result: dict, path: Path = RESULTS) -> list:
+    """Add (or replace, by its ``key``) one result in the results file ``path`` under a lock:
+    several benchmark processes may run at once. Returns all the file's results."""
     import fcntl
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        results = json.loads(path.read_text()) if path.exists() else []
         results = [r for r in results if r["key"] != result["key"]] + [result]
-        tmp = RESULTS.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, RESULTS)
+        os.replace(tmp, path)
     return results
+
+
+def load_results(path: Path = RESULTS) -> list:
+    """The results stored in ``path`` (none yet: an empty list)."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def sibling_sections() -> list:
+    """The report sections of the sibling benchmarks, from their own results files: the
+    review order (``review_order_benchmark.py``) and the panel's round trip
+    (``round_trip.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from review_order_benchmark import report_lines as review_order_lines
+    from round_trip import report_lines as round_trip_lines
+
+    return review_order_lines() + round_trip_lines()
 
 
 def main() -> None:

@@ -54,10 +54,13 @@ def formatSeconds(seconds: float) -> str:
 
 
 def formatPartSeconds(seconds: float) -> str:
-    """A part's duration: tenths of a second below 10 s (an export, an import), else as
-    ``formatSeconds``."""
+    """A part's duration: hundredths of a second below 1 s and tenths below 10 s (an export,
+    an import), else as ``formatSeconds``."""
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{seconds:.2f}s"
     if seconds < 10:
-        return f"{max(0.0, seconds):.1f}s"
+        return f"{seconds:.1f}s"
     return formatSeconds(seconds)
 
 
