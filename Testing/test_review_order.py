@@ -125,6 +125,7 @@ def result(strategy: str, gain: float) -> dict:
         "dice_before": 0.80,
         "dice_after": 0.80 + gain,
         "gain": gain,
+        "command": "/venv/python scripts/review_order_benchmark.py --dataset la",
     }
 
 
@@ -141,3 +142,4 @@ def test_the_report_compares_each_gain_with_the_mean_random_gain(review):
     losing = [result("shipped", 0.01)] + [result(f"random-{s}", -0.01) for s in range(3)]
     text = "\n".join(review.report_lines(losing))
     assert "n/a (random gain ≤ 0)" in text and "does not meet" in text
+    assert "| random, mean of 3 | | | -1.00 (-1.00 to -1.00) | n/a (random gain ≤ 0) |" in text

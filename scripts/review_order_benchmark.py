@@ -340,7 +340,6 @@ def main() -> None:
     args.network, args.set = base["network"], list(base["settings"])
     args.plan = "auto" if base.get("plan") else "off"
     review = Path(args.work) / f"review-{args.base}"
-    review.mkdir(parents=True, exist_ok=True)
     base_run = base_dir / RUN_FOLDER
     dropout = has_dropout(base_run)
     log = review / "log.txt"
@@ -376,6 +375,7 @@ def main() -> None:
     )
     if args.estimate_only:
         return
+    review.mkdir(parents=True, exist_ok=True)
 
     # 1. the pool, predicted once (and with dropout passes for BALD)
     images = [str(image[name]) for name in pool]
@@ -532,7 +532,8 @@ def report_lines(results: Optional[list] = None) -> list:
         if randoms:
             lines.append(
                 f"| random, mean of {len(randoms)} | | | {100 * mean_random:+.2f} "
-                f"({100 * min(randoms):+.2f} to {100 * max(randoms):+.2f}) | 1.00 |"
+                f"({100 * min(randoms):+.2f} to {100 * max(randoms):+.2f}) | "
+                f"{ratio(mean_random)} |"
             )
         shipped = next((r for r in group if r["strategy"] == SHIPPED), None)
         if shipped is not None and mean_random is not None:
@@ -548,7 +549,8 @@ def report_lines(results: Optional[list] = None) -> list:
                 f"target of {TARGET_RATIO}.",
             ]
         lines.append("")
-    return lines
+    commands = sorted({r["command"].replace(sys.executable, "python") for r in results})
+    return lines + ["Reproduce:", "", "```", *commands, "```", ""]
 
 
 if __name__ == "__main__":

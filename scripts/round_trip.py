@@ -246,7 +246,8 @@ def report_lines(results: list | None = None) -> list:
             f"{r['unlabeled_predicted']} | {r['iterations']} | " + " | ".join(cells) + " | "
             f"{formatPartSeconds(r['total_seconds'])} | {load} | {r['threads']} | {r['date']} |"
         )
-    return lines + [""]
+    commands = sorted({r["command"].replace(sys.executable, "python") for r in results})
+    return lines + ["", "Reproduce:", "", "```", *commands, "```", ""]
 
 
 if __name__ == "__main__":
