@@ -22,7 +22,9 @@ cases and are kept as they were.
 Each run is three subprocesses (train, predict, evaluate), so wall time and peak memory (of
 the training process, from ``os.wait4``) are measured per run. Results accumulate in
 ``docs/benchmark-results.json``; ``docs/benchmarks.md`` and ``docs/benchmarks.png`` are
-regenerated from all results each time.
+regenerated from all results each time, with the sections of the sibling benchmarks that
+reuse this one's steps (``train_run``, ``score_run``): ``review_order_benchmark.py`` (does the
+review order pay?) and ``round_trip.py`` (the panel's accept-retrain-review round trip).
 
     python scripts/benchmark.py --dataset la --methods supervised mn --labels 8 --score val
     python scripts/benchmark.py --methods supervised --labels 4 8 16 160 --seeds 0

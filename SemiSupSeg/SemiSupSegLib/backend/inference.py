@@ -11,7 +11,7 @@ ships (``output_layout.REVIEW_SCORE``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -85,22 +85,22 @@ class CasePrediction:
     uncertainty: sitk.Image
     score: float
     foreground_voxels: int
-    scores: CaseScores = field(default_factory=lambda: CaseScores(0.0))
+    scores: CaseScores
 
 
-def companion_network(run: str | Path, device: torch.device) -> Optional[nn.Module]:
+def companion_network(
+    path: Path, model: Dict[str, Any], device: torch.device
+) -> Optional[nn.Module]:
     """The method's other trained model beside the one it deploys (M&N's 2D model), from the
-    final checkpoint of the run folder ``run`` (or of a model file's folder), in eval mode;
-    None when the method has none, or the checkpoint is absent, unreadable or of another
-    training than the model file (another run, or an unfinished one)."""
+    checkpoint beside the model file ``path`` (read: ``model``), in eval mode; None when the
+    method has none, or the checkpoint is absent, unreadable or of another training than the
+    model file (another run, or an unfinished one)."""
     from SemiSupSegLib.backend.methods import Method, create_method, method_class
 
-    path = model_file(run)
     checkpoint = path.parent / CHECKPOINT_FILE
     if not checkpoint.exists():
         return None
     try:
-        model = load_checkpoint(path)
         state = load_checkpoint(checkpoint) if checkpoint != path else model
         if (state.get("run_id"), state.get("iteration")) != (
             model.get("run_id"),
@@ -173,7 +173,7 @@ class Predictor:
         network.load_state_dict(state["model"]["state_dict"])
         classes = {int(k): v for k, v in state["classes"].items()}
         torch_device = select_device(device)
-        other = companion_network(path, torch_device) if companion else None
+        other = companion_network(path, state, torch_device) if companion else None
         predictor = cls(
             network, classes, state["preprocessing"], torch_device, companion=other, **kwargs
         )
