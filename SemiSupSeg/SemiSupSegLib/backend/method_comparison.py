@@ -189,7 +189,7 @@ def compare_methods(
                 method=method,
                 case_dice=case_mean_dice(folder / EVALUATION_FOLDER / METRICS_FILE),
                 train_seconds=float(getattr(result, "seconds", 0.0) or 0.0),
-                run=str(folder / RUN_FOLDER),
+                run=str((folder / RUN_FOLDER).absolute()),
             )
         )
     comparison.recommended, comparison.reason = recommend(comparison.results)
