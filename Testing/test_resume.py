@@ -34,21 +34,37 @@ def _stopped(dataset, config, run, at):
     assert load_checkpoint(run / CHECKPOINT_FILE)["iteration"] == at
 
 
-@pytest.mark.parametrize("method", ["supervised", "mn"])
-def test_a_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path, method):
+@pytest.mark.parametrize(
+    "method, at",
+    [
+        ("supervised", 4),
+        ("mn", 4),
+        ("bcp", 3),  # stopped at the stage switch: the resumed run starts the teacher
+        ("bcp", 4),  # stopped in self-training: the teacher comes from the checkpoint
+    ],
+)
+def test_a_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path, method, at):
     settings = {**TINY_SETTINGS, "method": method, "iterations": 6, "seed": 7}
     if method == "mn":
         settings["batch_size"] = 2
         settings["method_options"] = {"train_slices": 4, "warmup_stage_fraction": 0.3}
+    if method == "bcp":
+        settings["batch_size"] = 2
+        settings["method_options"] = {"pretrain_fraction": 0.5}
     config = TrainConfig.from_dict(settings)
     train(dataset, config, tmp_path / "whole")
-    _stopped(dataset, config, tmp_path / "parts", at=4)
+    _stopped(dataset, config, tmp_path / "parts", at=at)
     train(dataset, config, tmp_path / "parts", resume=True)
     whole = load_checkpoint(tmp_path / "whole" / MODEL_FILE)["model"]["state_dict"]
     parts = load_checkpoint(tmp_path / "parts" / MODEL_FILE)["model"]["state_dict"]
     assert whole.keys() == parts.keys()
     different = [k for k in whole if not torch.equal(whole[k], parts[k])]
     assert not different, different
+    if method == "bcp":  # and the teacher, which predict does not deploy by default
+        whole = load_checkpoint(tmp_path / "whole" / CHECKPOINT_FILE)["method_state"]["teacher"]
+        parts = load_checkpoint(tmp_path / "parts" / CHECKPOINT_FILE)["method_state"]["teacher"]
+        different = [k for k in whole if not torch.equal(whole[k], parts[k])]
+        assert not different, different
 
 
 def test_resume_keeps_the_stored_budget(dataset, tmp_path):

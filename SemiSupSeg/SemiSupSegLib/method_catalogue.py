@@ -367,6 +367,52 @@ _BUILT_IN = (
             OptionInfo("mc_passes", 2, _MC_PASSES, "8"),
         ),
     ),
+    MethodInfo(
+        "bcp",
+        "BCP (Bai et al. 2023): labeled and unlabeled patches pasted into each other both "
+        "ways, learned from an EMA teacher's pseudo-labels",
+        uses_unlabeled=True,
+        needs_2d_encoder=False,
+        options=(
+            OptionInfo(
+                "pretrain_fraction",
+                0.3,
+                "share of the run in stage 1, supervised on labeled patches pasted into each "
+                "other (the teacher of stage 2 starts from its network)",
+                "0.118 (2000 of 17000 iterations)",
+            ),
+            OptionInfo(
+                "cuboid_ratio", 2 / 3, "side of the pasted cuboid as a share of each patch side"
+            ),
+            OptionInfo(
+                "cuboid_position",
+                "random",
+                "where the cuboid sits: random (anywhere in the patch, redrawn every iteration) "
+                "or centre",
+            ),
+            OptionInfo(
+                "unlabeled_weight",
+                0.5,
+                "weight of the loss on the voxels that come from unlabeled patches",
+            ),
+            OptionInfo("ema_decay", 0.99, "decay of the teacher's exponential moving average"),
+            OptionInfo(
+                "largest_component",
+                True,
+                "keep only the largest connected component of each class in the teacher's "
+                "pseudo-labels, per patch",
+            ),
+            OptionInfo(
+                "restart_lr",
+                True,
+                "the learning rate anneals to 0 at the end of stage 1 and restarts for stage 2; "
+                "false: one warm-up and cosine over the run",
+                "true (SGD at 0.01, constant in stage 1; a fresh one at 0.01 in stage 2, x0.1 "
+                "every 2500 iterations)",
+            ),
+            OptionInfo("deploy", "student", "the network predict uses: student or teacher"),
+        ),
+    ),
 )
 
 _BUILT_IN_NAMES = tuple(info.name for info in _BUILT_IN)

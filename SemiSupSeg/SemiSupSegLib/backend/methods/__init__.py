@@ -1,6 +1,7 @@
 """Training methods by name: each owns its models, optimisers and one training step."""
 
 from SemiSupSegLib.backend.methods import (
+    copy_paste,  # noqa: F401  (bcp)
     embedding_matching,  # noqa: F401  (em, mn+em)
     mn,  # noqa: F401  (M&N)
     supervised,  # noqa: F401  (registers itself)
