@@ -47,6 +47,7 @@ RUN_FILES = sorted([CASES_FILE, CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, PLAN_F
 NETWORKS = {
     "supervised": ("network", "network"),
     "mean-teacher": ("student", "teacher"),
+    "bcp": ("student", "student"),
     "mn+em": ("net3d", "net3d"),
 }
 
@@ -97,6 +98,7 @@ def _rank_log(logs: Path, rank: int, stream: str) -> str:
     [
         "supervised",
         "mean-teacher",
+        "bcp",  # self-training from iteration 1 of 4: a teacher of each rank's own patches
         # Two DDP models, one a timm encoder with unused stages and BatchNorm statistics.
         pytest.param("mn+em", marks=pytest.mark.slow),
     ],

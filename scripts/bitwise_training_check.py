@@ -63,6 +63,16 @@ RUNS: Dict[str, Dict[str, Any]] = {
             "max_unreliable_share": 0.5,
         },
     },
+    "bcp": {},  # the switch to self-training at iteration 2 of 6
+    "bcp-centre-one-cycle": {
+        "method": "bcp",
+        "method_options": {
+            "cuboid_position": "centre",
+            "largest_component": False,
+            "restart_lr": False,
+            "deploy": "teacher",
+        },
+    },
 }
 
 
