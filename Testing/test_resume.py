@@ -13,7 +13,8 @@ from SemiSupSegLib.backend.cancellation import StopFlag
 from SemiSupSegLib.backend.checkpoint import load_checkpoint
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import from_folders, infer_classes
-from SemiSupSegLib.backend.errors import CancelledError
+from SemiSupSegLib.backend.errors import CancelledError, ConfigError
+from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.training import train
 from SemiSupSegLib.output_layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE
 
@@ -84,3 +85,49 @@ def test_resume_keeps_the_stored_budget(dataset, tmp_path):
     code, events = run_cli(arguments + ["--iterations", 7], tmp_path / "events.jsonl")
     assert code == 0, events[-1]["message"]
     assert load_checkpoint(run / MODEL_FILE)["iteration"] == 7
+
+
+class LearningRates(EventSink):
+    """Records each progress event's learning rate(s) by iteration."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.rates: dict = {}
+
+    def progress(self, stage: str, iteration: int, total: int, **fields) -> None:
+        super().progress(stage, iteration, total, **fields)
+        metrics = fields.get("metrics") or {}
+        self.rates[iteration] = {k: v for k, v in metrics.items() if k.startswith("lr")}
+
+
+@pytest.mark.parametrize("method", ["supervised", "mn", "bcp"])
+def test_a_new_budget_on_resume_continues_that_budgets_schedule(dataset, tmp_path, method):
+    """Resumed with more iterations, the learning rate follows the schedule of the new budget
+    (not the old one's, which reaches 0 at the old end): the rates of the resumed iterations
+    equal those of a run planned for the new budget from the start."""
+    settings = {**TINY_SETTINGS, "method": method, "iterations": 6, "seed": 7}
+    if method != "supervised":
+        settings["batch_size"] = 2
+    if method == "mn":  # stage 1 is 0.3 of 6 or of 12 iterations: iteration 4 co-trains in both
+        settings["method_options"] = {"train_slices": 4, "warmup_stage_fraction": 0.3}
+    if method == "bcp":  # stage 1 ends at 2 of 6 and 4 of 12: iteration 4 self-trains in both
+        settings["method_options"] = {"pretrain_fraction": 0.34}
+    _stopped(dataset, TrainConfig.from_dict(settings), tmp_path / "parts", at=4)
+    longer = TrainConfig.from_dict({**settings, "iterations": 12})
+    resumed, planned = LearningRates(), LearningRates()
+    train(dataset, longer, tmp_path / "parts", resumed, resume=True, new_budget=12)
+    train(dataset, longer, tmp_path / "whole", planned)
+    resumed_rates, planned_rates = resumed.rates, planned.rates
+    assert sorted(resumed_rates) == list(range(5, 13))
+    for iteration, rates in resumed_rates.items():
+        assert rates and rates == pytest.approx(planned_rates[iteration]), iteration
+    assert all(v > 0 for rates in list(resumed_rates.values())[:-1] for v in rates.values())
+
+
+def test_a_new_budget_that_moves_a_stage_switch_past_the_run_is_refused(dataset, tmp_path):
+    settings = {**TINY_SETTINGS, "method": "bcp", "batch_size": 2, "iterations": 6, "seed": 7}
+    settings["method_options"] = {"pretrain_fraction": 0.5}  # switch at 3 of 6, 6 of 12
+    _stopped(dataset, TrainConfig.from_dict(settings), tmp_path / "run", at=4)
+    longer = TrainConfig.from_dict({**settings, "iterations": 12})
+    with pytest.raises(ConfigError, match="'self-training' stage.*'pre-training' stage"):
+        train(dataset, longer, tmp_path / "run", EventSink(quiet=True), resume=True, new_budget=12)

@@ -96,8 +96,9 @@ def train(
     ``run_dir`` is locked for the call (``folder_lock``): a second training into it is refused.
     A new training removes the previous run's model and checkpoint before it writes anything,
     so the folder never holds one run's model beside another's settings. ``resume`` continues
-    the stored run with its settings, its random streams and its iteration budget, or
-    ``new_budget`` iterations when given: the result equals an uninterrupted run's.
+    the stored run with its settings, its random streams and its iteration budget (the result
+    equals an uninterrupted run's), or ``new_budget`` iterations when given: the learning-rate
+    schedules then continue as those of a run of the new budget, from the current iteration.
 
     Under ``torchrun`` every rank runs this function (module ``distributed``): the networks
     trained by gradient are DistributedDataParallel replicas, each rank draws its own patches
@@ -248,10 +249,21 @@ class _Run:
 
     def restore(self, state: Dict[str, Any]) -> None:
         """Continue a checkpoint: its method, average, random streams and iteration."""
-        self.method.load_state_dict(state["method_state"])
+        self.start = int(state["iteration"])
+        stored_budget = state.get("config", {}).get("iterations")
+        new_budget = stored_budget not in (None, self.config.iterations)
+        stored_stage, stage = state.get("next_stage"), self.method.stage(self.start)
+        if new_budget and stored_stage is not None and stored_stage != stage:
+            raise ConfigError(
+                f"--iterations {self.config.iterations}: the run in {self.run_dir} is at iteration "
+                f"{self.start} in its {stored_stage!r} stage, which a budget of "
+                f"{self.config.iterations} would make its {stage!r} stage (stages are shares of "
+                f"the budget); resume with its budget of {stored_budget} or one that keeps "
+                f"iteration {self.start} in {stored_stage!r}"
+            )
+        self.method.load_state_dict(state["method_state"], new_budget=new_budget)
         self.average.load_state_dict(state.get("weight_average"))
         restore_rng_state(state["rng"])
-        self.start = int(state["iteration"])
         self.run_id = state.get("run_id") or self.run_id
         self.labeled_weights = state.get("labeled_weights")
         self.events.log(
@@ -421,6 +433,7 @@ class _Run:
         config, dataset = self.config, self.dataset
         return {
             "iteration": iteration,
+            "next_stage": self.method.stage(iteration),
             "config": config.to_dict(),
             "classes": {str(k): v for k, v in dataset.classes.items()},
             "method_state": self.method.state_dict(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
@@ -19,6 +20,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.optimizers import WarmupCosineSchedule
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from SemiSupSegLib import method_catalogue
 from SemiSupSegLib.backend import distributed
@@ -170,6 +172,15 @@ def _same_layout(state: Any, reference: Dict[str, torch.Tensor]) -> bool:
     )
 
 
+def advance_schedule(schedule: LRScheduler, steps: int) -> None:
+    """Step ``schedule`` (freshly built) until it has taken ``steps`` steps, setting its
+    optimiser's learning rate as the schedule would have then."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "step() before optimizer.step()": nothing trains here
+        for _ in range(steps - schedule.last_epoch):
+            schedule.step()
+
+
 class Method:
     """A training method. The shared loop asks it, per iteration, how many labeled and
     unlabeled patches it wants, hands it those, and checkpoints its ``state_dict``."""
@@ -217,9 +228,16 @@ class Method:
     def state_dict(self) -> Dict[str, Any]:
         return {name: part.state_dict() for name, part in self.stateful().items()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], new_budget: bool = False) -> None:
+        """Restore a checkpoint's parts. ``new_budget``: the run continues with another
+        iteration budget than it started with, so its learning-rate schedules are not restored
+        (theirs end at the old budget): those built for the new budget are advanced by as many
+        steps as the stored ones had taken."""
         for name, part in self.stateful().items():
-            part.load_state_dict(state[name])
+            if new_budget and isinstance(part, LRScheduler):
+                advance_schedule(part, int(state[name]["last_epoch"]))
+            else:
+                part.load_state_dict(state[name])
 
     def companions(self) -> Dict[str, nn.Module]:
         """Trained networks besides the deployed one that a warm start should also resume

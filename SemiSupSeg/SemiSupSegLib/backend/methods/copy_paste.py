@@ -417,6 +417,6 @@ class CopyPasteMethod(Method):
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "teacher_started": self.teacher_started}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_state_dict(self, state: Dict[str, Any], new_budget: bool = False) -> None:
+        super().load_state_dict(state, new_budget)
         self.teacher_started = bool(state["teacher_started"])

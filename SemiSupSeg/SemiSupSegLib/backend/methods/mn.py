@@ -425,8 +425,8 @@ class MNMethod(Method):
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "last_losses": dict(self.last_losses)}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_state_dict(self, state: Dict[str, Any], new_budget: bool = False) -> None:
+        super().load_state_dict(state, new_budget)
         self.last_losses = dict(state.get("last_losses", {}))
 
 
