@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -49,14 +50,16 @@ def test_hold_out_is_fixed_by_seed_and_leaves_enough_to_train(tmp_path):
 
 def test_compare_trains_each_method_without_the_held_out_cases(tmp_path):
     images, labels = write_tiny_dataset(tmp_path, count=5)
+    extra, _ = write_tiny_dataset(tmp_path / "more", count=7)  # other noise: other images
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
-    for case in ("case3", "case4"):  # extra images (copies of labeled ones, without labels)
-        shutil.copy(images / f"{case}.nii.gz", unlabeled / f"extra{case[-1]}.nii.gz")
+    for case in ("case5", "case6"):
+        shutil.copy(extra / f"{case}.nii.gz", unlabeled / f"extra{case[-1]}.nii.gz")
     out = tmp_path / "comparison"
     code, events = run_cli(
         ["compare", "--images", images, "--labels", labels, "--unlabeled", unlabeled,
          "--methods", "supervised", "mean-teacher", "--holdout", "2", "--iterations", "2",
+         "--set", "method.ema_decay=0.9",  # mean-teacher's alone: supervised must not get it
          "--device", "cpu", "--out", out, *tiny_set_arguments()],
         tmp_path / "events.jsonl",
     )  # fmt: skip
@@ -69,8 +72,33 @@ def test_compare_trains_each_method_without_the_held_out_cases(tmp_path):
     for method, entry in results.items():
         assert set(entry["case_dice"]) == held
         cases = json.loads((out / method / RUN_FOLDER / CASES_FILE).read_text())
-        trained_on = {c["name"] for c in cases["labeled"] + cases.get("unlabeled", [])}
-        assert not trained_on & held, method
+        trained_on = cases["labeled"] + cases.get("unlabeled", [])
+        assert not {c["name"] for c in trained_on} & held, method
+        held_images = {(images / f"{name}.nii.gz").read_bytes() for name in held}
+        assert not any(Path(c["image"]).read_bytes() in held_images for c in trained_on), method
     scored = [MethodResult(r["method"], r["case_dice"], 0.0, "") for r in comparison["results"]]
     assert (comparison["recommended"], comparison["reason"]) == recommend(scored)
     assert any(e["event"] == "output" and "recommended" in e["message"] for e in events)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "method.no_such_option=1"], "none of the compared methods"),
+        (["--set", "method.ema_decay=7"], "--methods mean-teacher"),
+        (["--no-unlabeled"], "mean-teacher learns from unlabeled images"),
+    ],
+)
+def test_compare_checks_every_method_before_training_any(tmp_path, extra, message):
+    images, labels = write_tiny_dataset(tmp_path, count=5)
+    unlabeled = [] if extra == ["--no-unlabeled"] else ["--unlabeled", images]
+    extra = [] if extra == ["--no-unlabeled"] else extra
+    out = tmp_path / "comparison"
+    code, events = run_cli(
+        ["compare", "--images", images, "--labels", labels, *unlabeled,
+         "--methods", "supervised", "mean-teacher", "--iterations", "2", "--device", "cpu",
+         "--out", out, *tiny_set_arguments(), *extra],
+        tmp_path / "events.jsonl",
+    )  # fmt: skip
+    assert code == 1 and message in events[-1]["message"]
+    assert not (out / "supervised").exists()  # nothing trained

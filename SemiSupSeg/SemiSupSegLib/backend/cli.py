@@ -349,7 +349,7 @@ def _compare(args: argparse.Namespace, events) -> None:
             seed=explicit.get("seed", 0),
             budget=args.budget,
         )
-    print(format_comparison(comparison))
+    _report(format_comparison(comparison), args)
 
 
 def _load_training_data(args: argparse.Namespace):
@@ -395,7 +395,13 @@ def _evaluate(args: argparse.Namespace, events) -> None:
     from SemiSupSegLib.backend.metrics import evaluate_folders, format_summary
 
     summary = evaluate_folders(Path(args.pred), Path(args.truth), Path(args.out))
-    print(format_summary(summary))
+    _report(format_summary(summary), args)
+
+
+def _report(text: str, args: argparse.Namespace) -> None:
+    """A command's result table: on stdout, unless the events stream goes there."""
+    to_stdout = getattr(args, "events", None) != "-"
+    print(text, file=sys.stdout if to_stdout else sys.stderr)
 
 
 def _run_job(args: argparse.Namespace, events) -> None:

@@ -112,6 +112,8 @@ def recommend(results: Sequence[MethodResult]) -> Tuple[str, str]:
     cases = len(base.case_dice)
     if not winners:
         others = ", ".join(r.method for r in results if r.method != BASELINE_METHOD)
+        if not others:
+            return BASELINE_METHOD, "supervised training was the only method compared"
         return BASELINE_METHOD, (
             f"no semi-supervised method ({others}) beat supervised training on the {cases} "
             "held-out case(s): use supervised training for this data"
@@ -121,6 +123,51 @@ def recommend(results: Sequence[MethodResult]) -> Tuple[str, str]:
         f"{method} beat supervised training by {100 * gain:+.1f} Dice points and on {better} "
         f"of the {cases} held-out case(s)"
     )
+
+
+def settings_per_method(
+    methods: Sequence[str], context: Dict[str, Any], explicit: Dict[str, Any], unlabeled: bool
+) -> Dict[str, Dict[str, Any]]:
+    """Each method's share of the user's settings, every one checked before anything trains.
+
+    A ``method.NAME`` setting goes to the methods that have that option (e.g. ``method.ema_decay``
+    to mean-teacher, not to supervised training); the others go to every method.
+
+    Raises:
+        ConfigError: an unknown method, a ``method.*`` setting none of them has, a bad value
+            (naming the method), or a method that needs unlabeled images when there are none.
+    """
+    from SemiSupSegLib.backend.config import TrainConfig
+    from SemiSupSegLib.backend.methods import method_class
+    from SemiSupSegLib.backend.methods.base import describe_method
+
+    per_method: Dict[str, Dict[str, Any]] = {}
+    for method in methods:
+        info = describe_method(method_class(method))
+        names = {f"method.{option.name}" for option in info.options}
+        per_method[method] = {
+            k: v for k, v in explicit.items() if not k.startswith("method.") or k in names
+        }
+        if info.uses_unlabeled and not unlabeled:
+            raise ConfigError(
+                f"--methods: {method} learns from unlabeled images and the data has none "
+                "(give --unlabeled or more cases than --labeled lists, or compare other methods)"
+            )
+        try:
+            TrainConfig.from_dict({**context, "method": method, **per_method[method]}).validate()
+        except ConfigError as err:
+            raise ConfigError(f"--methods {method}: {err}") from None
+    unused = sorted(
+        k
+        for k in explicit
+        if k.startswith("method.") and not any(k in s for s in per_method.values())
+    )
+    if unused:
+        raise ConfigError(
+            f"--set {unused[0]}: none of the compared methods ({', '.join(methods)}) has this "
+            "setting (semisupseg methods NAME lists a method's settings)"
+        )
+    return per_method
 
 
 def compare_methods(
@@ -154,15 +201,13 @@ def compare_methods(
         ConfigError: too few labeled cases, an unknown or repeated method.
     """
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
-    from SemiSupSegLib.backend.methods import method_class
     from SemiSupSegLib.backend.metrics import case_mean_dice, evaluate_folders
     from SemiSupSegLib.backend.planned_training import train_planned
 
     if len(set(methods)) != len(methods) or not methods:
         raise ConfigError(f"--methods: give each method once, not {list(methods)}")
-    for method in methods:
-        method_class(method)
     training, held = hold_out(dataset, holdout or default_holdout(len(dataset.labeled)), seed)
+    settings = settings_per_method(methods, context, explicit, bool(training.unlabeled))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     truth = out / HELD_OUT_FILE
@@ -177,8 +222,8 @@ def compare_methods(
         )
         folder = out / method
         result = train_planned(
-            training, {**context, "method": method}, explicit, folder / RUN_FOLDER, events, stop,
-            budget=budget,
+            training, {**context, "method": method}, settings[method], folder / RUN_FOLDER,
+            events, stop, budget=budget,
         )  # fmt: skip
         predictor = Predictor.from_run(folder / RUN_FOLDER, device=context.get("device", "auto"))
         predictions = folder / PREDICTIONS_FOLDER
