@@ -185,3 +185,20 @@ def _image(case: Case):
     from SemiSupSegLib.backend.volumes import read_image
 
     return read_image(case.image)
+
+
+def test_the_2d_model_is_rebuilt_without_its_starting_weights(mn_run, tmp_path):
+    """predict takes the 2D model's weights from the checkpoint: where training got its
+    starting weights (a download, a file) is not read again; here that file is gone."""
+    run, _ = mn_run
+    other = tmp_path / "run"
+    other.mkdir()
+    save_checkpoint(other / "model.pt", load_checkpoint(run / "model.pt"))
+    checkpoint = load_checkpoint(run / CHECKPOINT_FILE)
+    config = dict(checkpoint["config"])
+    config["method_options"] = {
+        **config["method_options"],
+        "encoder_weights": str(tmp_path / "deleted-weights.pth"),
+    }
+    save_checkpoint(other / CHECKPOINT_FILE, {**checkpoint, "config": config})
+    assert Predictor.from_run(other, device="cpu").companion is not None

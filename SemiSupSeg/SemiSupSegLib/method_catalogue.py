@@ -33,6 +33,8 @@ DEFAULT_METHOD = "mn"
 BASELINE_METHOD = "supervised"
 #: The option that names the timm encoder of a method's 2D model (``needs_2d_encoder``).
 ENCODER_OPTION = "encoder"
+#: The option that says where that encoder's starting weights come from ("none": random).
+ENCODER_WEIGHTS_OPTION = "encoder_weights"
 
 #: ``OptionInfo.published`` when the published value is the default.
 AS_PUBLISHED = "as published"

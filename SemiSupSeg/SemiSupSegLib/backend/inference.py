@@ -96,6 +96,7 @@ def companion_network(
     method has none, or the checkpoint is absent, unreadable or of another training than the
     model file (another run, or an unfinished one)."""
     from SemiSupSegLib.backend.methods import Method, create_method, method_class
+    from SemiSupSegLib.method_catalogue import ENCODER_WEIGHTS_OPTION
 
     checkpoint = path.parent / CHECKPOINT_FILE
     if not checkpoint.exists():
@@ -108,8 +109,12 @@ def companion_network(
         ):
             return None
         config = TrainConfig.from_dict(state["config"])
-        if method_class(config.method).companions is Method.companions:
+        cls = method_class(config.method)
+        if cls.companions is Method.companions:
             return None
+        if cls.needs_2d_encoder:  # its weights come from the checkpoint: no download, no file
+            options = {**config.method_options, ENCODER_WEIGHTS_OPTION: "none"}
+            config = TrainConfig.from_dict({**state["config"], "method_options": options})
         num_classes = int(state["model"]["spec"]["num_classes"])
         method = create_method(config, num_classes, device)
         companions = method.companions()
