@@ -26,6 +26,7 @@ def run(method: str, seed: int, dice: float, variant: str = "") -> dict:
         "seed": seed,
         "labels": 8,
         "iterations": 1500,
+        "network": "unet",
         "summary": {"classes": {"1": {"dice": {"mean": dice}}}},
     }
 

@@ -127,3 +127,24 @@ def test_a_job_names_unnamed_cases_as_train_and_predict_do():
     job["unlabeled"] = ["imagesTs/la_100_0000.nii.gz"]
     spec = JobSpec.from_dict(job)
     assert [c.name for c in spec.labeled + spec.unlabeled] == ["la_003", "la_100"]
+
+
+def test_the_output_layout_keeps_the_names_existing_folders_use():
+    """Run, prediction and session folders written by earlier versions are read by these
+    names: a rename here would orphan them, so it must be a deliberate change of this test."""
+    from SemiSupSegLib import output_layout as layout
+
+    names = {
+        "RUN_FOLDER": "run", "PREDICTIONS_FOLDER": "predictions", "EVALUATION_FOLDER": "evaluation",
+        "MODEL_FILE": "model.pt", "CHECKPOINT_FILE": "checkpoint.pt", "CONFIG_FILE": "config.json",
+        "PLAN_FILE": "plan.json", "CASES_FILE": "cases.json", "UNCERTAINTY_FOLDER": "uncertainty",
+        "SCORES_FILE": "scores.csv", "PREDICTION_MANIFEST_FILE": "predictions.json",
+        "METRICS_FILE": "metrics.csv", "SUMMARY_FILE": "summary.json",
+    }  # fmt: skip
+    assert {k: getattr(layout, k) for k in names} == names
+    assert layout.SCORES_COLUMNS[:6] == (
+        "case", "score", "foreground_voxels", "label", "uncertainty", "image"
+    )  # fmt: skip
+    assert layout.METRICS_COLUMNS == (
+        "case", "class_value", "class_name", "dice", "iou", "hd95_mm", "asd_mm", "penalty"
+    )  # fmt: skip

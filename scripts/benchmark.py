@@ -593,14 +593,15 @@ def recommendation_lines(results: list) -> list:
     supervised: dict = {}
     for r in results:
         if r["method"] == BASELINE_METHOD and not r.get("variant"):
-            supervised.setdefault((r["labels"], r["iterations"]), {})[r["seed"]] = mean_dice(r)
+            key = (r["labels"], r["iterations"], r["network"])
+            supervised.setdefault(key, {})[r["seed"]] = mean_dice(r)
     candidates: dict = {}
     for r in results:
         if r["method"] != BASELINE_METHOD:
-            key = (r["labels"], r["iterations"])
+            key = (r["labels"], r["iterations"], r["network"])
             candidates.setdefault(key, {}).setdefault(method_label(r), {})[r["seed"]] = mean_dice(r)
     for key in sorted(set(supervised) | set(candidates)):
-        labels, iterations = key
+        labels, iterations, network = key
         base = supervised.get(key, {})
         winners, compared, screened = [], [], []
         for label, runs in sorted(candidates.get(key, {}).items()):
@@ -612,7 +613,7 @@ def recommendation_lines(results: list) -> list:
             deltas = [runs[s] - base[s] for s in seeds]
             if sum(deltas) > 0 and sum(d > 0 for d in deltas) > len(deltas) / 2:
                 winners.append((sum(runs[s] for s in seeds) / len(seeds), label, deltas))
-        head = f"Recommendation for {labels} labeled cases, {iterations} iterations: "
+        head = f"Recommendation for {labels} labeled cases, {iterations} iterations, {network}: "
         if winners:
             _, label, deltas = max(winners)
             text = (

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 #: The method the command line, the panel, a job file and ``TrainConfig`` use unless told
-#: otherwise. M&N: on the hippocampus benchmark (docs/benchmarks.md) it beats supervised
-#: training at 8 and 16 labeled cases at the same budget; em and mn+em do not.
+#: otherwise. M&N: on the hippocampus benchmark (docs/benchmarks.md, earlier protocol) it beat
+#: supervised training at 4, 8 and 16 labeled cases at the same budget; on Left Atrium's
+#: validation cases it has not (yet) beaten it, which is under measurement (issue 15).
 DEFAULT_METHOD = "mn"
 #: The method every semi-supervised one is measured against: labeled cases only, the quickest
 #: (the demo trains it), and the one choice for a job without unlabeled images.
