@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.datasets import (
     MANIFEST_NAME,
     Dataset,
@@ -95,8 +94,7 @@ def run_demo(
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
     from SemiSupSegLib.backend.methods import method_class
     from SemiSupSegLib.backend.metrics import evaluate_folders, format_summary
-    from SemiSupSegLib.backend.training import train
-    from SemiSupSegLib.backend.validation import check_dataset
+    from SemiSupSegLib.backend.planned_training import train_planned
 
     source = locate_hippocampus(data, events)
     dataset, test = demo_dataset(source)
@@ -107,14 +105,11 @@ def run_demo(
         f"MSD Hippocampus from {source}: {len(dataset.labeled)} labeled, "
         f"{len(dataset.unlabeled)} unlabeled training cases, {len(test)} test cases"
     )
-    check_dataset(dataset, events, check_unlabeled=uses_unlabeled)
-    values = {"method": method, "device": device, "modality": dataset.modality}
-    if iterations:
-        values["iterations"] = iterations
-    config = TrainConfig.from_dict(values)
+    context = {"method": method, "device": device, "modality": dataset.modality}
+    explicit = {"iterations": iterations} if iterations else {}
     run_dir, predictions = out / RUN_FOLDER, out / PREDICTIONS_FOLDER
     evaluation = out / EVALUATION_FOLDER
-    train(dataset, config, run_dir, events, stop)
+    train_planned(dataset, context, explicit, run_dir, events, stop, plan=False)
     predict_cases(Predictor.from_run(run_dir, device=device), test, predictions, 1, events, stop)
     summary = evaluate_folders(predictions, source, evaluation)
     picture = out / "overview.png"
