@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,15 +62,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from SemiSupSegLib.backend.config import TrainConfig
 from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.methods.base import (
-    Method,
     StepResult,
     option,
     register_method,
     segmentation_loss,
 )
 from SemiSupSegLib.backend.methods.mn import TwoCycleSchedule
-from SemiSupSegLib.backend.methods.teacher_student import update_ema
-from SemiSupSegLib.backend.networks import SegmentationNetwork
+from SemiSupSegLib.backend.methods.teacher_student import StudentWithEmaTeacher, update_ema
 from SemiSupSegLib.backend.settings import OneOf, Range
 from SemiSupSegLib.backend.uncertainty import class_argmax
 
@@ -242,7 +240,7 @@ def largest_components(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 @register_method("bcp", options=CopyPasteOptions, uses_unlabeled=True)
-class CopyPasteMethod(Method):
+class CopyPasteMethod(StudentWithEmaTeacher):
     """BCP (Bai et al. 2023): labeled and unlabeled patches pasted into each other both ways,
     learned from an EMA teacher's pseudo-labels (see module doc)."""
 
@@ -389,30 +387,6 @@ class CopyPasteMethod(Method):
         if foreground:
             facts["component_kept"] = kept / foreground
         return labels, facts
-
-    # --- deployment and checkpoints
-    def deploy_network(self) -> SegmentationNetwork:
-        return self.teacher if self.options.deploy == "teacher" else self.student
-
-    def warm_start(
-        self,
-        network_state: Dict[str, torch.Tensor],
-        previous_state: Optional[Dict[str, Any]] = None,
-    ) -> List[str]:
-        """The previous round's deployed weights in the student; the teacher starts from the
-        student again at the first self-training step."""
-        self.student.load_state_dict(network_state)
-        self.teacher.load_state_dict(network_state)
-        return []
-
-    def stateful(self) -> Dict[str, Any]:
-        return {
-            "student": self.student,
-            "teacher": self.teacher,
-            "optimizer": self.optimizer,
-            "schedule": self.schedule,
-            "scaler": self.scaler,
-        }
 
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "teacher_started": self.teacher_started}

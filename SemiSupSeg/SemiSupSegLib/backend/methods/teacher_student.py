@@ -148,7 +148,37 @@ class TeacherStudentOptions(MonteCarloTeacherOptions):
     )
 
 
-class TeacherStudentMethod(Method):
+class StudentWithEmaTeacher(Method):
+    """A method that trains a ``student`` by one ``optimizer`` and ``schedule`` beside an EMA
+    ``teacher``: which of the two predict uses (``options.deploy``), a warm start of both from
+    a previous round's network, and the parts a checkpoint holds."""
+
+    student: SegmentationNetwork
+    teacher: SegmentationNetwork
+
+    def deploy_network(self) -> SegmentationNetwork:
+        return self.teacher if self.options.deploy == "teacher" else self.student
+
+    def warm_start(
+        self,
+        network_state: Dict[str, torch.Tensor],
+        previous_state: Optional[Dict[str, Any]] = None,
+    ) -> List[str]:
+        self.student.load_state_dict(network_state)
+        self.teacher.load_state_dict(network_state)
+        return []
+
+    def stateful(self) -> Dict[str, Any]:
+        return {
+            "student": self.student,
+            "teacher": self.teacher,
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "scaler": self.scaler,
+        }
+
+
+class TeacherStudentMethod(StudentWithEmaTeacher):
     """Student trained by gradient, teacher = EMA of the student; subclasses choose the
     unlabeled losses through their options and the ``unreliable_loss`` hook."""
 
@@ -273,28 +303,6 @@ class TeacherStudentMethod(Method):
         """Losses on the unreliable voxels, {name: (loss, weight)}, plus progress facts.
         None here: mean-teacher and ua-mt ignore the voxels the filter rejects."""
         return {}, {}
-
-    # --- deployment and checkpoints
-    def deploy_network(self) -> SegmentationNetwork:
-        return self.teacher if self.options.deploy == "teacher" else self.student
-
-    def warm_start(
-        self,
-        network_state: Dict[str, torch.Tensor],
-        previous_state: Optional[Dict[str, Any]] = None,
-    ) -> List[str]:
-        self.student.load_state_dict(network_state)
-        self.teacher.load_state_dict(network_state)
-        return []
-
-    def stateful(self) -> Dict[str, Any]:
-        return {
-            "student": self.student,
-            "teacher": self.teacher,
-            "optimizer": self.optimizer,
-            "schedule": self.schedule,
-            "scaler": self.scaler,
-        }
 
 
 @dataclass(frozen=True)
