@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from SemiSupSegLib.job_runner import JobRunner
 from SemiSupSegLib.progress import (
     PLAN_PENDING,
@@ -28,18 +30,23 @@ def test_format_seconds():
     assert formatSeconds(-5) == "0s"
 
 
-def test_a_jobs_parts_are_timed_from_the_backends_events():
-    """Start-up until the first event, checks until training starts, training until its model
-    is written, prediction (with the checks of its images) until the last event."""
+@pytest.mark.parametrize(
+    "first, second", [("warm-up", "co-training"), ("pre-training", "self-training"), ("a", "b")]
+)
+def test_a_jobs_parts_are_timed_from_the_backends_events(first, second):
+    """Start-up until the first event, checks until training starts, training (whatever stages
+    the method names) until its model is written, prediction (with the checks of its images)
+    until the last event."""
     model = ProgressModel()
     model.startTime = 100.0
     events = [
         ("stage", 103.0, {"stage": "validation", "message": "checking"}),
         ("plan", 104.0, {"stage": "planning", "plan": {"values": {}}}),
         ("start", 105.0, {"stage": "training", "total": 10}),
-        ("progress", 110.0, {"stage": "warm-up", "iteration": 1, "total": 10}),
+        ("progress", 110.0, {"stage": first, "iteration": 1, "total": 10}),
         ("log", 115.0, {"message": "warm start from the last round"}),
-        ("stage", 120.0, {"stage": "co-training"}),
+        ("stage", 120.0, {"stage": second}),
+        ("stage", 121.0, {"stage": "validation", "message": "a method's own check"}),
         ("output", 150.0, {"stage": "training", "outputs": {"model": "m"}}),
         ("stage", 151.0, {"stage": "validation", "message": "checking 3 image(s)"}),
         ("stage", 152.0, {"stage": "prediction", "iteration": 0, "total": 3}),

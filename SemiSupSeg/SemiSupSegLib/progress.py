@@ -36,7 +36,6 @@ PLAN_PENDING = "Plan: made from your data and the device when training starts."
 #: The parts of a job the log times, in order: the backend starting (Python, torch), its
 #: checks of the data and its plan, training, and the prediction of the unlabeled cases.
 STARTUP, CHECKS, TRAINING, PREDICTION = "start-up", "checks", "training", "prediction"
-TRAINING_STAGES = ("training", "warmup", "warm-up", "co-training")
 #: A round (``Workflow``) adds the export of its inputs before the job and the import of its
 #: results (the review table) after it.
 EXPORT, IMPORT = "export", "import"
@@ -80,11 +79,11 @@ def jobPart(event: Dict[str, Any], current: Optional[str]) -> str:
     its model is written (its ``output`` event); the checks of the images to predict that
     follow belong to the prediction."""
     kind, stage = event.get("event"), event.get("stage", "")
-    if kind == "output" and stage in TRAINING_STAGES:
-        return PREDICTION
-    if kind == "start" or stage in TRAINING_STAGES:
+    if kind == "start":
         return TRAINING
-    if stage == "prediction" or (stage == "validation" and current in (TRAINING, PREDICTION)):
+    if current == TRAINING:  # whatever stages the method names, until its model is written
+        return PREDICTION if kind == "output" else TRAINING
+    if stage == "prediction" or (stage == "validation" and current == PREDICTION):
         return PREDICTION
     return current or CHECKS
 
