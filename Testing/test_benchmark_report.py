@@ -42,6 +42,7 @@ def test_a_method_that_wins_in_most_seeds_is_recommended(benchmark):
     results += [run("mn", s, d) for s, d in enumerate((0.82, 0.81, 0.79))]
     text = recommendation(benchmark, results)
     assert "**mn**" in text and "+0.67 Dice points over 3 seeds, higher in 2" in text
+    assert "not significant" in text  # one seed of three lower: p well above 0.05
 
 
 def test_supervised_is_recommended_when_no_method_beats_it(benchmark):

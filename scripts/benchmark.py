@@ -589,6 +589,8 @@ def recommendation_lines(results: list) -> list:
     method (or variant) with the highest mean Dice among those that beat supervised training on
     the same seeds — higher mean Dice and higher in most of at least ``RECOMMENDATION_SEEDS``
     seeds — else supervised training, said plainly."""
+    from scipy import stats
+
     lines = []
     supervised: dict = {}
     for r in results:
@@ -612,14 +614,16 @@ def recommendation_lines(results: list) -> list:
             compared.append(label)
             deltas = [runs[s] - base[s] for s in seeds]
             if sum(deltas) > 0 and sum(d > 0 for d in deltas) > len(deltas) / 2:
-                winners.append((sum(runs[s] for s in seeds) / len(seeds), label, deltas))
+                p_runs = stats.ttest_rel([runs[s] for s in seeds], [base[s] for s in seeds]).pvalue
+                winners.append((sum(runs[s] for s in seeds) / len(seeds), label, deltas, p_runs))
         head = f"Recommendation for {labels} labeled cases, {iterations} iterations, {network}: "
         if winners:
-            _, label, deltas = max(winners)
+            _, label, deltas, p_runs = max(winners)
             text = (
                 f"{head}**{label}** (beats supervised training by "
                 f"{100 * sum(deltas) / len(deltas):+.2f} Dice points over {len(deltas)} seeds, "
-                f"higher in {sum(d > 0 for d in deltas)} of them)."
+                f"higher in {sum(d > 0 for d in deltas)} of them; paired t-test over runs p = "
+                f"{p_runs:.2g}{', not significant' if p_runs >= 0.05 else ''})."
             )
         elif compared:
             text = (
