@@ -3,8 +3,10 @@ tiny network, and the command line run in this process (fast) with its events re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -88,3 +90,12 @@ class StopAt(EventSink):
         super().progress(stage, iteration, total, **fields)
         if self.at is None or iteration == self.at:
             self.stop.request("test")
+
+
+def load_script(name: str) -> ModuleType:
+    """A script of ``scripts/`` imported as a module, for tests of its functions."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

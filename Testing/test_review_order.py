@@ -4,24 +4,17 @@ retraining is the panel's Fast retrain, and the report's ratio against random.""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from backend_helpers import load_script
 from SemiSupSegLib.output_layout import REVIEW_SCORE, ScoreRow
 from SemiSupSegLib.training_options import TrainingOptions
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "review_order_benchmark.py"
 
 
 @pytest.fixture(scope="module")
 def review():
-    spec = importlib.util.spec_from_file_location("review_order_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("review_order_benchmark")
 
 
 def row(case: str, score: float, **scores) -> ScoreRow:

@@ -64,10 +64,12 @@ from benchmark import (  # noqa: E402
     train_run,
     write_report,
 )
+from SemiSupSegLib.backend.datasets import read_case_list  # noqa: E402
 from SemiSupSegLib.output_layout import (  # noqa: E402
     CASE_SCORES,
     EVALUATION_FOLDER,
     METRICS_FILE,
+    MODEL_FILE,
     PREDICTIONS_FOLDER,
     REVIEW_SCORE,
     RUN_FOLDER,
@@ -253,10 +255,6 @@ def wanted(args, strategy: str) -> bool:
     return not args.strategies or strategy in args.strategies
 
 
-def read_list(path: Path) -> List[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 def done(evaluation: Path) -> bool:
     return (evaluation / SUMMARY_FILE).exists() and (evaluation / METRICS_FILE).exists()
 
@@ -326,8 +324,8 @@ def main() -> None:
             f"its folder under {args.work}); run scripts/benchmark.py first"
         )
     split = dataset_split(args.dataset, Path(args.data), hold_validation=True)
-    labeled = read_list(base_dir / "labeled.txt")
-    held_out = read_list(base_dir / "test.txt")
+    labeled = read_case_list(base_dir / "labeled.txt")
+    held_out = read_case_list(base_dir / "test.txt")
     if sorted(held_out) != sorted(split.test + split.validation):
         raise SystemExit(
             f"{args.base} was not trained under the validation protocol (its test.txt is not "
@@ -349,7 +347,7 @@ def main() -> None:
     choices = json.loads(choices_file.read_text()) if choices_file.exists() else None
     if choices is not None:
         folders = {f for s, f in run_folders(choices).items() if wanted(args, s)}
-        retrain = sum(not (review / f / RUN_FOLDER / "model.pt").exists() for f in folders)
+        retrain = sum(not (review / f / RUN_FOLDER / MODEL_FILE).exists() for f in folders)
         evaluations = [review / f / f"{EVALUATION_FOLDER}-{args.score}" for f in folders]
     else:  # shipped, random, expected change, diverse, and the scores the model may give
         folders = range(len(RANDOM_SEEDS) + 5 + (1 if dropout and args.mc_samples > 1 else 0))
