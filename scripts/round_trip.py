@@ -26,7 +26,6 @@ Each run starts afresh in ``--work``/round-trip-<dataset>-<method>/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -39,15 +38,17 @@ sys.path.insert(0, str(ROOT / "SemiSupSeg"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import DATASETS, RESULTS, dataset_split, load_results, save_result  # noqa: E402
+from SemiSupSegLib.backend.datasets import infer_classes, load_dataset  # noqa: E402
 from SemiSupSegLib.progress import ROUND_PARTS, formatPartSeconds  # noqa: E402
 
 ROUND_TRIP_RESULTS = ROOT / "docs" / "round-trip-results.json"
 
 
 def class_names(data: Path) -> list:
-    """The foreground class names of a dataset.json, in label-value order."""
-    labels = json.loads((data / "dataset.json").read_text())["labels"]
-    return [labels[k] for k in sorted(labels, key=int) if int(k) > 0]
+    """The foreground class names of a dataset, in label-value order (the backend's reader)."""
+    dataset = load_dataset(data)
+    classes = dataset.classes if dataset.classes is not None else infer_classes(dataset)
+    return [classes[value] for value in sorted(classes) if value > 0]
 
 
 def estimate_seconds(dataset: str, method: str, steps: dict) -> float | None:
