@@ -224,6 +224,7 @@ class MNMethod(Method):
         super().__init__(config, num_classes, device)
         o = self.options
         if config.batch_size < 2:
+            # Also with unlabeled_mode=add: floor(1 * share) stays 0 until the LR reaches 0.
             raise ConfigError("mn needs batch_size >= 2 (one labeled and one unlabeled patch)")
         total = config.iterations
         self.stage1 = max(1, int(round(o.warmup_stage_fraction * total)))
