@@ -18,7 +18,13 @@ from SemiSupSegLib.backend.method_comparison import (
     hold_out,
     recommend,
 )
-from SemiSupSegLib.output_layout import CASES_FILE, COMPARISON_FILE, RUN_FOLDER
+from SemiSupSegLib.output_layout import (
+    CASES_FILE,
+    COMPARISON_FILE,
+    EVALUATION_FOLDER,
+    MODEL_FILE,
+    RUN_FOLDER,
+)
 
 
 def result(method: str, dice: list) -> MethodResult:
@@ -79,6 +85,54 @@ def test_compare_trains_each_method_without_the_held_out_cases(tmp_path):
     scored = [MethodResult(r["method"], r["case_dice"], 0.0, "") for r in comparison["results"]]
     assert (comparison["recommended"], comparison["reason"]) == recommend(scored)
     assert any(e["event"] == "output" and "recommended" in e["message"] for e in events)
+
+
+def test_a_stopped_comparison_resumes_without_retraining_what_finished(tmp_path):
+    images, labels = write_tiny_dataset(tmp_path, count=5)
+    extra, _ = write_tiny_dataset(tmp_path / "more", count=7)
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for case in ("case5", "case6"):
+        shutil.copy(extra / f"{case}.nii.gz", unlabeled / f"extra{case[-1]}.nii.gz")
+    out = tmp_path / "comparison"
+
+    def compare(events_file, holdout="2", folder=out, *extra):
+        return run_cli(
+            ["compare", "--images", images, "--labels", labels, "--unlabeled", unlabeled,
+             "--methods", "supervised", "mean-teacher", "--holdout", holdout,
+             "--iterations", "4", "--set", "checkpoint_every=2", "--device", "cpu",
+             "--out", folder, *tiny_set_arguments(), *extra],
+            tmp_path / events_file,
+        )  # fmt: skip
+
+    code, events = compare("first.jsonl")
+    assert code == 0, events[-1]["message"]
+    # As if stopped during mean-teacher's training: its result, model and evaluation gone.
+    comparison = json.loads((out / COMPARISON_FILE).read_text())
+    comparison["results"] = [r for r in comparison["results"] if r["method"] == "supervised"]
+    (out / COMPARISON_FILE).write_text(json.dumps(comparison))
+    (out / "mean-teacher" / RUN_FOLDER / MODEL_FILE).unlink()
+    shutil.rmtree(out / "mean-teacher" / EVALUATION_FOLDER)
+    supervised_model = out / "supervised" / RUN_FOLDER / MODEL_FILE
+    before = supervised_model.stat().st_mtime_ns
+
+    code, events = compare("resumed.jsonl", "2", out, "--resume")
+    assert code == 0, events[-1]["message"]
+    assert supervised_model.stat().st_mtime_ns == before  # reused, not trained again
+    messages = [e.get("message", "") for e in events]
+    assert any("supervised, finished before: reused" in m for m in messages)
+    assert any(m.startswith("resuming") and "mean-teacher" in m for m in messages)
+    resumed = json.loads((out / COMPARISON_FILE).read_text())
+    assert [r["method"] for r in resumed["results"]] == ["supervised", "mean-teacher"]
+    assert resumed["results"][0] == comparison["results"][0]
+    assert resumed["recommended"] in ("supervised", "mean-teacher")
+
+    code, events = compare("other.jsonl", "3", out, "--resume")
+    assert (
+        code == 1 and "give the same labeled cases, --holdout and --seed" in events[-1]["message"]
+    )
+    code, events = compare("none.jsonl", "2", tmp_path / "nothing", "--resume")
+    assert code == 1 and "holds no comparison to continue" in events[-1]["message"]
 
 
 @pytest.mark.parametrize(

@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(compare)
     setting_options(compare)
     compare.add_argument("--out", required=True, help="folder for the runs and comparison.json")
+    compare.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped comparison in --out: finished methods are reused, an "
+        "interrupted one continues from its checkpoint",
+    )
     common(compare)
     run = sub.add_parser("run", help="run a job file (what the Slicer module writes)")
     run.add_argument("job", help="job.json (protocol v1)")
@@ -348,6 +354,7 @@ def _compare(args: argparse.Namespace, events) -> None:
             holdout=args.holdout,
             seed=explicit.get("seed", 0),
             budget=args.budget,
+            resume=args.resume,
         )
     _report(format_comparison(comparison), args)
 

@@ -25,10 +25,12 @@ from SemiSupSegLib.backend.errors import ConfigError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.method_catalogue import BASELINE_METHOD
 from SemiSupSegLib.output_layout import (
+    CHECKPOINT_FILE,
     COMPARISON_FILE,
     EVALUATION_FOLDER,
     HELD_OUT_FILE,
     METRICS_FILE,
+    MODEL_FILE,
     PREDICTIONS_FOLDER,
     RUN_FOLDER,
 )
@@ -40,7 +42,10 @@ MIN_TRAINING_CASES = 2
 
 @dataclass
 class MethodResult:
-    """One method's scores on the held-out cases (mean foreground Dice per case)."""
+    """One method's scores on the held-out cases (mean foreground Dice per case).
+
+    ``train_seconds``: wall time of its training in the comparison's last process (only the
+    rest of a resumed training; 0 when the training had finished before a resume)."""
 
     method: str
     case_dice: Dict[str, float]
@@ -181,8 +186,13 @@ def compare_methods(
     holdout: int = 0,
     seed: int = 0,
     budget: str = DEFAULT_BUDGET,
+    resume: bool = False,
 ) -> Comparison:
     """Train each of ``methods`` without the held-out cases, score each on them, recommend one.
+
+    ``comparison.json`` is rewritten after each method, so a stopped comparison keeps the
+    methods it finished; ``resume`` reuses those and continues an interrupted training from its
+    checkpoint.
 
     Args:
         dataset: the user's cases; ``holdout`` of the labeled ones are held out of training.
@@ -196,9 +206,11 @@ def compare_methods(
         holdout: held-out labeled cases (0: ``default_holdout``).
         seed: draws the held-out cases.
         budget: the time budget every method gets.
+        resume: continue the comparison in ``out`` (same cases, held-out draw and methods).
 
     Raises:
-        ConfigError: too few labeled cases, an unknown or repeated method.
+        ConfigError: too few labeled cases, an unknown or repeated method; with ``resume``, no
+            comparison in ``out`` or one that held out other cases.
     """
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
     from SemiSupSegLib.backend.metrics import case_mean_dice, evaluate_folders
@@ -209,11 +221,20 @@ def compare_methods(
     training, held = hold_out(dataset, holdout or default_holdout(len(dataset.labeled)), seed)
     settings = settings_per_method(methods, context, explicit, bool(training.unlabeled))
     out = Path(out)
+    comparison = Comparison(held_out=[c.name for c in held])
+    finished = previous_results(out, comparison.held_out) if resume else {}
     out.mkdir(parents=True, exist_ok=True)
     truth = out / HELD_OUT_FILE
     write_text_atomic(truth, json.dumps(_truth_manifest(held, dataset.classes), indent=1) + "\n")
-    comparison = Comparison(held_out=[c.name for c in held])
     for number, method in enumerate(methods, 1):
+        if method in finished:
+            events.emit(
+                "stage",
+                stage="comparison",
+                message=f"method {number} of {len(methods)}: {method}, finished before: reused",
+            )
+            comparison.results.append(finished[method])
+            continue
         events.emit(
             "stage",
             stage="comparison",
@@ -221,11 +242,15 @@ def compare_methods(
             f"{len(held)} labeled case(s): {', '.join(comparison.held_out)}",
         )
         folder = out / method
-        result = train_planned(
-            training, {**context, "method": method}, settings[method], folder / RUN_FOLDER,
-            events, stop, budget=budget,
-        )  # fmt: skip
-        predictor = Predictor.from_run(folder / RUN_FOLDER, device=context.get("device", "auto"))
+        run = folder / RUN_FOLDER
+        train_seconds = 0.0
+        if not (resume and (run / MODEL_FILE).is_file()):  # else: trained, stopped after
+            result = train_planned(
+                training, {**context, "method": method}, settings[method], run, events, stop,
+                budget=budget, resume=resume and (run / CHECKPOINT_FILE).is_file(),
+            )  # fmt: skip
+            train_seconds = float(getattr(result, "seconds", 0.0) or 0.0)
+        predictor = Predictor.from_run(run, device=context.get("device", "auto"))
         predictions = folder / PREDICTIONS_FOLDER
         predict_cases(predictor, held, predictions, 1, events, stop)
         evaluate_folders(predictions, truth, folder / EVALUATION_FOLDER, dataset.classes)
@@ -233,10 +258,16 @@ def compare_methods(
             MethodResult(
                 method=method,
                 case_dice=case_mean_dice(folder / EVALUATION_FOLDER / METRICS_FILE),
-                train_seconds=float(getattr(result, "seconds", 0.0) or 0.0),
-                run=str((folder / RUN_FOLDER).absolute()),
+                train_seconds=train_seconds,
+                run=str(run.absolute()),
             )
         )
+        if number < len(methods):
+            comparison.reason = f"incomplete: {number} of {len(methods)} methods trained"
+            comparison.recommended = ""
+            write_text_atomic(
+                out / COMPARISON_FILE, json.dumps(comparison.to_json(), indent=1) + "\n"
+            )
     comparison.recommended, comparison.reason = recommend(comparison.results)
     write_text_atomic(out / COMPARISON_FILE, json.dumps(comparison.to_json(), indent=1) + "\n")
     events.emit(
@@ -246,6 +277,39 @@ def compare_methods(
         outputs={"comparison": str(out / COMPARISON_FILE)},
     )
     return comparison
+
+
+def previous_results(out: Path, held_out: Sequence[str]) -> Dict[str, MethodResult]:
+    """The methods an earlier comparison in ``out`` finished, by name.
+
+    Raises:
+        ConfigError: ``out`` holds no comparison, or one that held out other cases.
+    """
+    path = out / COMPARISON_FILE
+    if not path.is_file():
+        if (out / HELD_OUT_FILE).is_file():
+            return {}  # stopped during its first method
+        raise ConfigError(f"--resume: {out} holds no comparison to continue ({path} is missing)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        stored = list(data["held_out"])
+        results = [
+            MethodResult(
+                method=str(r["method"]),
+                case_dice={str(k): float(v) for k, v in r["case_dice"].items()},
+                train_seconds=float(r["train_seconds"]),
+                run=str(r["run"]),
+            )
+            for r in data["results"]
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"--resume: {path} is not a comparison file ({error})") from error
+    if sorted(stored) != sorted(held_out):
+        raise ConfigError(
+            f"--resume: {path} held out {', '.join(stored)}, but these cases and settings hold "
+            f"out {', '.join(held_out)}; give the same labeled cases, --holdout and --seed"
+        )
+    return {r.method: r for r in results}
 
 
 def format_comparison(comparison: Comparison) -> str:
