@@ -27,8 +27,8 @@ from SemiSupSegLib.backend.checkpoint import load_checkpoint  # noqa: E402
 from SemiSupSegLib.backend.config import TrainConfig  # noqa: E402
 from SemiSupSegLib.backend.datasets import from_folders  # noqa: E402
 from SemiSupSegLib.backend.events import EventSink  # noqa: E402
+from SemiSupSegLib.backend.methods.base import list_methods  # noqa: E402  (older trees have it too)
 from SemiSupSegLib.backend.training import train  # noqa: E402
-from SemiSupSegLib.method_catalogue import method_names  # noqa: E402
 
 try:
     from SemiSupSegLib.output_layout import CHECKPOINT_FILE
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, help="digests of the other tree, to compare")
     parser.add_argument("--methods", nargs="*", default=list(RUNS))
     args = parser.parse_args()
-    uncovered = set(method_names()) - {
+    uncovered = set(list_methods()) - {
         settings.get("method", name) for name, settings in RUNS.items()
     }
     if uncovered:
