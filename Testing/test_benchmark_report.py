@@ -55,3 +55,39 @@ def test_one_seed_screens_are_reported_but_never_decide(benchmark):
     results += [run("mn", s, 0.79) for s in range(3)]
     text = recommendation(benchmark, results)
     assert "**supervised**" in text and "mn [add] (1 seed)" in text
+
+
+def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_budget():
+    peer = load_script("peer_benchmark")
+    result = {
+        "name": "uamt-L8",
+        "meta": {"iterations": "1500", "train_patch_size": "64,64,48", "extra_train_args": ""},
+        "per_case": [
+            {"id": "a", "dice": 0.9, "jaccard": 0.8, "hd95": 8.0, "asd": 2.0},
+            {"id": "b", "dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0},  # empty
+        ],
+        "train_time": {"cpu_s": 7200},
+        "test_time": {"cpu_s": 1800},
+    }
+    row = peer.peer_row(result, "UA-MT (peer code)", "ua-mt", "./run.sh 1500 64 64 48 uamt-L8")
+    assert row["dice"] == pytest.approx(45.0) and row["hd95_mm"] == pytest.approx(2.5)
+    assert row["asd_mm"] == pytest.approx(0.625) and row["empty_predictions"] == 1
+    assert (row["labels"], row["iterations"], row["train_cpu_hours"]) == (8, 1500, 2.0)
+
+    def ours(seed: int, dice: float, iterations: int = 1500) -> dict:
+        metrics = {"dice": {"mean": dice}, "iou": {"mean": 0.8}}
+        metrics.update({"hd95_mm": {"mean": 5.0}, "asd_mm": {"mean": 1.0}})
+        return {**run("supervised", seed, dice), "iterations": iterations, "dataset": "la",
+                "scored_on": "test", "summary": {"classes": {"1": metrics}},
+                "train_cpu_seconds": 1800, "plan": {"patch_size": [56, 40, 24]}}  # fmt: skip
+
+    lines = peer.report_lines([row], [ours(0, 0.88), ours(1, 0.90), ours(0, 0.5, 6000)])
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[1].startswith(
+        "| UA-MT (peer code) | ua-mt | 8 | 1500 | 1 | 64,64,48 | 45.00 (1 empty)"
+    )
+    assert table[2].startswith(
+        "| SemiSupSeg | supervised | 8 | 1500 | 0, 1 | 56x40x24 | 89.00 (88.00-90.00)"
+    )
+    assert len(table) == 3  # the 6000-iteration run is another budget
+    assert peer.report_lines([], []) == []

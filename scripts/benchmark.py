@@ -857,14 +857,15 @@ def load_results(path: Path = RESULTS) -> list:
 
 
 def sibling_sections() -> list:
-    """The report sections of the sibling benchmarks, from their own results files: the
-    review order (``review_order_benchmark.py``) and the panel's round trip
-    (``round_trip.py``)."""
+    """The report sections of the sibling benchmarks, from their own results files: UA-MT's own
+    code beside ours (``peer_benchmark.py``), the review order (``review_order_benchmark.py``)
+    and the panel's round trip (``round_trip.py``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peer_benchmark import report_lines as peer_lines
     from review_order_benchmark import report_lines as review_order_lines
     from round_trip import report_lines as round_trip_lines
 
-    return review_order_lines() + round_trip_lines()
+    return peer_lines() + review_order_lines() + round_trip_lines()
 
 
 def main() -> None:

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""UA-MT's own code beside ours on Left Atrium: store the peer's test scores and report them
+next to our runs of the same split, labels and iteration budget.
+
+The peer is the code of Yu et al., "Uncertainty-aware Self-ensembling Model for Semi-supervised
+3D Left Atrium Segmentation" (MICCAI 2019, github.com/yulequan/UA-MT):
+``code/train_LA_meanteacher_certainty.py`` (UA-MT) and ``code/train_LA.py`` (its supervised
+V-Net), then ``code/test_LA.py``. It is run from a scratch folder outside this repository
+and never committed. Changed only as the benchmark allows: the device (CPU, no ``.cuda()``, no
+data-loader workers), the split (our ``train.list``: the 8 labeled cases first, then the
+unlabeled ones; the validation cases in neither list; the same 20 test cases), the iteration
+count (``--max_iterations``; ``test_LA.py`` tests the final checkpoint) and, where CPU time
+requires it, the patch size (a ``--patch_size`` argument for training and test). Nothing else:
+network, losses, augmentation, optimiser and schedule, EMA, consistency ramp, test strides and
+metrics are the peer's. Its schedules are tied to 6000 iterations: at 1500 the learning rate
+never steps down and the consistency weight reaches only a fraction of its final value,
+unless ``--consistency_rampup`` is scaled (each stored row keeps its training arguments).
+
+The peer's test script writes Dice, Jaccard, HD95 and ASD per case with medpy, HD95 and ASD
+in voxels of the h5 grid; stored here in mm at the challenge's 0.625 mm isotropic spacing. An
+empty prediction scores 0 on all four there (a 0 HD95 flatters the mean): the count is kept.
+
+    python scripts/peer_benchmark.py add RESULT.json --label "UA-MT (peer code)" \\
+        --method ua-mt --command "./run.sh 1500 64 64 48 uamt-L8"
+    python scripts/peer_benchmark.py report   # regenerates docs/benchmarks.md
+
+``RESULT.json``: what the scratch folder's test wrapper writes for one run: ``mean`` and
+``per_case`` (``id``, ``dice``, ``jaccard``, ``hd95``, ``asd``), ``meta`` (``iterations``,
+``train_patch_size``, ``extra_train_args``), ``train_time`` (``cpu_s``) and ``test_time``
+(``cpu_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark import RESULTS, load_results, mean_stat, method_label, save_result  # noqa: E402
+
+PEER_RESULTS = ROOT / "docs" / "peer-results.json"
+#: Left Atrium 2018's voxel spacing (mm): the h5 files do not store it.
+LA_SPACING_MM = 0.625
+#: Published GPU figures (Dice %), for context only: other budget, patch and hardware.
+PUBLISHED = (
+    "Published on a GPU (6000 iterations, 112x112x80 patches; Yu et al. 2019 and the papers "
+    "that reuse its split): V-Net 79.99 Dice % with 8 labeled cases and 86.03 with 16, UA-MT "
+    "84.25 and 88.88, V-Net with all 80 labeled 91.14."
+)
+
+
+def peer_row(result: dict, label: str, method: str, command: str) -> dict:
+    """One stored row from the peer wrapper's ``result``: means in % and mm, per-case Dice."""
+    cases = result["per_case"]
+    if not cases:
+        raise ValueError("the peer result has no scored case")
+
+    def mean(metric: str, scale: float) -> float:
+        return scale * sum(float(c[metric]) for c in cases) / len(cases)
+
+    meta = result.get("meta", {})
+    train = (result.get("train_time") or {}).get("cpu_s")
+    return {
+        "key": f"peer-{method}-{meta.get('iterations', '?')}-{result.get('name', label)}",
+        "label": label,
+        "method": method,
+        "labels": int(meta.get("labels", 8)),
+        "iterations": int(meta["iterations"]),
+        "patch": meta.get("train_patch_size", ""),
+        "train_arguments": meta.get("extra_train_args", ""),
+        "test_cases": len(cases),
+        "dice": mean("dice", 100),
+        "jaccard": mean("jaccard", 100),
+        "hd95_mm": mean("hd95", LA_SPACING_MM),
+        "asd_mm": mean("asd", LA_SPACING_MM),
+        "empty_predictions": sum(1 for c in cases if float(c["dice"]) == 0.0),
+        "case_dice": {c["id"]: float(c["dice"]) for c in cases},
+        "train_cpu_hours": float(train) / 3600 if train else None,
+        "test_cpu_hours": float(result["test_time"]["cpu_s"]) / 3600,
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def ours_at(results: list, labels: int, iterations: int) -> list:
+    """Our Left Atrium test runs with ``labels`` labeled cases and ``iterations``, grouped
+    by method label: (label, runs)."""
+    groups: dict = {}
+    for r in results:
+        if (
+            r.get("dataset") == "la"
+            and r.get("scored_on") == "test"
+            and r["labels"] == labels
+            and r["iterations"] == iterations
+        ):
+            groups.setdefault(method_label(r), []).append(r)
+    return sorted(groups.items())
+
+
+def report_lines(peers: list | None = None, ours: list | None = None) -> list:
+    """The section of docs/benchmarks.md: each peer row beside our test runs at its labels and
+    iterations, then the published GPU figures."""
+    peers = load_results(PEER_RESULTS) if peers is None else peers
+    if not peers:
+        return []
+    ours = load_results(RESULTS) if ours is None else ours
+    lines = [
+        "## Left Atrium 2018: UA-MT's own code beside ours, 20 test cases",
+        "",
+        "The peer's training and test scripts, changed only for the device, our split, the "
+        "iteration count and (for CPU time) the patch size (`scripts/peer_benchmark.py` says "
+        "exactly what); its metrics (medpy) on its own sliding window. Ours: the automatic "
+        "plan, mean over seeds with the range. Dice and Jaccard in %, HD95 and ASD in mm; "
+        "training CPU-hours (one thread).",
+        "",
+        "| code | method | labeled | iterations | seeds | patch | Dice | Jaccard | HD95 | ASD | train CPU-h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    settings = sorted({(p["labels"], p["iterations"]) for p in peers})
+    for labels, iterations in settings:
+        for p in sorted(
+            (p for p in peers if (p["labels"], p["iterations"]) == (labels, iterations)),
+            key=lambda p: p["label"],
+        ):
+            cpu = f"{p['train_cpu_hours']:.2f}" if p.get("train_cpu_hours") else "n/a"
+            empty = f" ({p['empty_predictions']} empty)" if p["empty_predictions"] else ""
+            lines.append(
+                f"| {p['label']} | {p['method']} | {labels} | {iterations} | 1 | "
+                f"{p['patch']} | {p['dice']:.2f}{empty} | {p['jaccard']:.2f} | "
+                f"{p['hd95_mm']:.2f} | {p['asd_mm']:.2f} | {cpu} |"
+            )
+        for label, runs in ours_at(ours, labels, iterations):
+            seeds = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+            plan = runs[0].get("plan") or {}
+            patch = "x".join(str(v) for v in plan.get("patch_size", [])) or "preset"
+
+            def cell(metric: str, scale: float, runs: list = runs) -> str:
+                values = [scale * mean_stat(r["summary"], metric) for r in runs]
+                text = f"{sum(values) / len(values):.2f}"
+                return text + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+            cpu = [r["train_cpu_seconds"] / 3600 for r in runs if r.get("train_cpu_seconds")]
+            lines.append(
+                f"| SemiSupSeg | {label} | {labels} | {iterations} | {seeds} | {patch} | "
+                f"{cell('dice', 100)} | {cell('iou', 100)} | {cell('hd95_mm', 1)} | "
+                f"{cell('asd_mm', 1)} | {f'{sum(cpu) / len(cpu):.2f}' if cpu else 'n/a'} |"
+            )
+    commands = sorted({p["command"] for p in peers})
+    return lines + ["", PUBLISHED, "", "Peer commands (in its scratch folder):", "", "```",
+                    *commands, "```", ""]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add", help="store a peer run's test scores")
+    add.add_argument("result", type=Path, help="the peer wrapper's RESULT.json")
+    add.add_argument("--label", required=True, help='the row\'s name, e.g. "UA-MT (peer code)"')
+    add.add_argument("--method", required=True, help="the method it runs: ua-mt or supervised")
+    add.add_argument("--command", required=True, help="the command that produced it")
+    sub.add_parser("report", help="regenerate docs/benchmarks.md")
+    args = parser.parse_args()
+    if args.action == "add":
+        row = peer_row(json.loads(args.result.read_text()), args.label, args.method, args.command)
+        save_result(row, PEER_RESULTS)
+        print(f"stored {row['key']}: Dice {row['dice']:.2f}")
+    from benchmark import write_report
+
+    write_report(load_results(RESULTS))
+
+
+if __name__ == "__main__":
+    main()
