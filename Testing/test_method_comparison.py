@@ -12,6 +12,7 @@ import pytest
 from backend_helpers import run_cli, tiny_set_arguments, write_tiny_dataset
 from SemiSupSegLib.backend.datasets import from_folders
 from SemiSupSegLib.backend.errors import ConfigError
+from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.method_comparison import (
     MethodResult,
     default_holdout,
@@ -21,10 +22,10 @@ from SemiSupSegLib.backend.method_comparison import (
 from SemiSupSegLib.output_layout import (
     CASES_FILE,
     COMPARISON_FILE,
-    EVALUATION_FOLDER,
     MODEL_FILE,
     RUN_FOLDER,
 )
+from SemiSupSegLib.protocol import STOP_FILE_VARIABLE
 
 
 def result(method: str, dice: list) -> MethodResult:
@@ -87,7 +88,27 @@ def test_compare_trains_each_method_without_the_held_out_cases(tmp_path):
     assert any(e["event"] == "output" and "recommended" in e["message"] for e in events)
 
 
-def test_a_stopped_comparison_resumes_without_retraining_what_finished(tmp_path):
+def _stop_during(monkeypatch, tmp_path, method: str, iteration: int) -> None:
+    """Create the stop file (as the panel does to stop a job) once ``method``'s training reports
+    ``iteration``."""
+    stop_file = tmp_path / "stop"
+    stop_file.unlink(missing_ok=True)
+    monkeypatch.setenv(STOP_FILE_VARIABLE, str(stop_file))
+    emit, current = EventSink.emit, {"method": None}
+
+    def watching(sink, kind, **fields):
+        message = fields.get("message") or ""
+        if kind == "stage" and fields.get("stage") == "comparison":
+            current["method"] = message.split(": ")[1].split(",")[0]
+        if kind == "progress" and current["method"] == method:
+            if fields.get("iteration", 0) >= iteration:
+                stop_file.touch()
+        return emit(sink, kind, **fields)
+
+    monkeypatch.setattr(EventSink, "emit", watching)
+
+
+def test_a_stopped_comparison_resumes_without_retraining_what_finished(tmp_path, monkeypatch):
     images, labels = write_tiny_dataset(tmp_path, count=5)
     extra, _ = write_tiny_dataset(tmp_path / "more", count=7)
     unlabeled = tmp_path / "unlabeled"
@@ -96,43 +117,65 @@ def test_a_stopped_comparison_resumes_without_retraining_what_finished(tmp_path)
         shutil.copy(extra / f"{case}.nii.gz", unlabeled / f"extra{case[-1]}.nii.gz")
     out = tmp_path / "comparison"
 
-    def compare(events_file, holdout="2", folder=out, *extra):
+    def compare(events_file, *extra, holdout="2", iterations="6", folder=out):
         return run_cli(
             ["compare", "--images", images, "--labels", labels, "--unlabeled", unlabeled,
              "--methods", "supervised", "mean-teacher", "--holdout", holdout,
-             "--iterations", "4", "--set", "checkpoint_every=2", "--device", "cpu",
-             "--out", folder, *tiny_set_arguments(), *extra],
+             "--iterations", iterations, "--device", "cpu", "--out", folder,
+             *tiny_set_arguments(), "--set", "checkpoint_every=2", *extra],
             tmp_path / events_file,
         )  # fmt: skip
 
-    code, events = compare("first.jsonl")
-    assert code == 0, events[-1]["message"]
-    # As if stopped during mean-teacher's training: its result, model and evaluation gone.
-    comparison = json.loads((out / COMPARISON_FILE).read_text())
-    comparison["results"] = [r for r in comparison["results"] if r["method"] == "supervised"]
-    (out / COMPARISON_FILE).write_text(json.dumps(comparison))
-    (out / "mean-teacher" / RUN_FOLDER / MODEL_FILE).unlink()
-    shutil.rmtree(out / "mean-teacher" / EVALUATION_FOLDER)
+    with monkeypatch.context() as patch:
+        _stop_during(patch, tmp_path, "mean-teacher", 3)
+        code, events = compare("first.jsonl")
+    assert code == 130, events[-1]["message"]
+    partial = json.loads((out / COMPARISON_FILE).read_text())
+    assert not partial["complete"] and partial["reason"] == "incomplete: 1 of 2 methods scored"
+    assert [r["method"] for r in partial["results"]] == ["supervised"]
+    assert partial["started"] == ["supervised", "mean-teacher"]
+    assert set(partial["trained"]) == {"supervised"}
     supervised_model = out / "supervised" / RUN_FOLDER / MODEL_FILE
     before = supervised_model.stat().st_mtime_ns
 
-    code, events = compare("resumed.jsonl", "2", out, "--resume")
+    code, events = compare("other.jsonl", "--resume", holdout="3")
+    assert code == 1 and "the held-out cases" in events[-1]["message"]
+    code, events = compare("other.jsonl", "--resume", iterations="8")
+    assert code == 1 and "the settings" in events[-1]["message"]
+    code, events = compare("none.jsonl", "--resume", folder=tmp_path / "nothing")
+    assert code == 1 and "holds no comparison to continue" in events[-1]["message"]
+
+    code, events = compare("resumed.jsonl", "--resume")
     assert code == 0, events[-1]["message"]
     assert supervised_model.stat().st_mtime_ns == before  # reused, not trained again
     messages = [e.get("message", "") for e in events]
     assert any("supervised, finished before: reused" in m for m in messages)
-    assert any(m.startswith("resuming") and "mean-teacher" in m for m in messages)
-    resumed = json.loads((out / COMPARISON_FILE).read_text())
-    assert [r["method"] for r in resumed["results"]] == ["supervised", "mean-teacher"]
-    assert resumed["results"][0] == comparison["results"][0]
-    assert resumed["recommended"] in ("supervised", "mean-teacher")
+    resumed_at = [m for m in messages if m.startswith("resuming")]
+    assert len(resumed_at) == 1 and "mean-teacher" in resumed_at[0]
+    assert "at iteration 6 of 6" not in resumed_at[0]  # continued from where it stopped
+    final = json.loads((out / COMPARISON_FILE).read_text())
+    assert final["complete"] and [r["method"] for r in final["results"]] == [
+        "supervised",
+        "mean-teacher",
+    ]
+    assert final["results"][0] == partial["results"][0]
+    assert final["recommended"] in ("supervised", "mean-teacher")
 
-    code, events = compare("other.jsonl", "3", out, "--resume")
-    assert (
-        code == 1 and "give the same labeled cases, --holdout and --seed" in events[-1]["message"]
-    )
-    code, events = compare("none.jsonl", "2", tmp_path / "nothing", "--resume")
-    assert code == 1 and "holds no comparison to continue" in events[-1]["message"]
+    # A new comparison into the same folder, stopped in its first method, resumes that one: the
+    # finished runs of the earlier comparison are not taken for its results.
+    with monkeypatch.context() as patch:
+        _stop_during(patch, tmp_path, "supervised", 3)
+        code, events = compare("again.jsonl")
+    assert code == 130
+    again = json.loads((out / COMPARISON_FILE).read_text())
+    assert (again["started"], again["trained"], again["results"]) == (["supervised"], {}, [])
+    code, events = compare("again-resumed.jsonl", "--resume")
+    assert code == 0, events[-1]["message"]
+    messages = [e.get("message", "") for e in events]
+    assert not any("reused" in m for m in messages)
+    assert [m for m in messages if m.startswith("resuming")] == [
+        m for m in messages if m.startswith("resuming") and "supervised" in m
+    ]
 
 
 @pytest.mark.parametrize(

@@ -44,8 +44,8 @@ MIN_TRAINING_CASES = 2
 class MethodResult:
     """One method's scores on the held-out cases (mean foreground Dice per case).
 
-    ``train_seconds``: wall time of its training in the comparison's last process (only the
-    rest of a resumed training; 0 when the training had finished before a resume)."""
+    ``train_seconds``: wall time of its training (of the last process that trained it: a
+    resumed training counts only the part after the resume)."""
 
     method: str
     case_dice: Dict[str, float]
@@ -59,18 +59,31 @@ class MethodResult:
 
 @dataclass
 class Comparison:
-    """The held-out cases, every method's result, and the recommendation with its reason."""
+    """The held-out cases, every method's result, and the recommendation with its reason.
+
+    ``complete`` is false while methods remain (``reason`` then says how many); ``inputs`` is
+    what a resumed comparison must match (``comparison_inputs``); ``started`` lists the methods
+    whose training this comparison started (a resume continues only their checkpoints, not a
+    run folder left by another comparison); ``trained`` holds the training seconds of each
+    method whose training finished, scored or not."""
 
     held_out: List[str]
     results: List[MethodResult] = field(default_factory=list)
     recommended: str = BASELINE_METHOD
     reason: str = ""
+    complete: bool = False
+    inputs: Dict[str, Any] = field(default_factory=dict)
+    started: List[str] = field(default_factory=list)
+    trained: Dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, Any]:
         data = asdict(self)
         for entry, result in zip(data["results"], self.results):
             entry["mean_dice"] = result.mean_dice
         return data
+
+    def save(self, out: Path) -> None:
+        write_text_atomic(out / COMPARISON_FILE, json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def hold_out(dataset: Dataset, count: int, seed: int) -> Tuple[Dataset, List[Case]]:
@@ -190,9 +203,10 @@ def compare_methods(
 ) -> Comparison:
     """Train each of ``methods`` without the held-out cases, score each on them, recommend one.
 
-    ``comparison.json`` is rewritten after each method, so a stopped comparison keeps the
-    methods it finished; ``resume`` reuses those and continues an interrupted training from its
-    checkpoint.
+    ``comparison.json`` is written before the first method and after each step, so a stopped
+    comparison keeps what it finished (``complete`` false until the end); ``resume`` reuses the
+    methods scored and trained, and continues an interrupted training from its checkpoint, when
+    the inputs are the same (``comparison_inputs``).
 
     Args:
         dataset: the user's cases; ``holdout`` of the labeled ones are held out of training.
@@ -206,11 +220,11 @@ def compare_methods(
         holdout: held-out labeled cases (0: ``default_holdout``).
         seed: draws the held-out cases.
         budget: the time budget every method gets.
-        resume: continue the comparison in ``out`` (same cases, held-out draw and methods).
+        resume: continue the comparison in ``out``.
 
     Raises:
         ConfigError: too few labeled cases, an unknown or repeated method; with ``resume``, no
-            comparison in ``out`` or one that held out other cases.
+            comparison in ``out`` or one made with other inputs.
     """
     from SemiSupSegLib.backend.inference import Predictor, predict_cases
     from SemiSupSegLib.backend.metrics import case_mean_dice, evaluate_folders
@@ -222,11 +236,23 @@ def compare_methods(
     settings = settings_per_method(methods, context, explicit, bool(training.unlabeled))
     out = Path(out)
     comparison = Comparison(held_out=[c.name for c in held])
-    finished = previous_results(out, comparison.held_out) if resume else {}
+    comparison.inputs = comparison_inputs(training, held, methods, context, explicit, budget, seed)
+    if resume:
+        previous = previous_comparison(out, comparison.inputs)
+        comparison.trained = {
+            m: t for m, t in previous.trained.items() if (out / m / RUN_FOLDER / MODEL_FILE).is_file()
+        }  # fmt: skip
+        finished = {r.method: r for r in previous.results if r.method in comparison.trained}
+        comparison.started = previous.started
+    else:
+        finished = {}
     out.mkdir(parents=True, exist_ok=True)
     truth = out / HELD_OUT_FILE
     write_text_atomic(truth, json.dumps(_truth_manifest(held, dataset.classes), indent=1) + "\n")
     for number, method in enumerate(methods, 1):
+        comparison.reason = f"incomplete: {number - 1} of {len(methods)} methods scored"
+        comparison.recommended = ""
+        comparison.save(out)
         if method in finished:
             events.emit(
                 "stage",
@@ -243,13 +269,17 @@ def compare_methods(
         )
         folder = out / method
         run = folder / RUN_FOLDER
-        train_seconds = 0.0
-        if not (resume and (run / MODEL_FILE).is_file()):  # else: trained, stopped after
+        if method not in comparison.trained:
+            continuing = method in comparison.started and (run / CHECKPOINT_FILE).is_file()
+            if method not in comparison.started:
+                comparison.started.append(method)
+                comparison.save(out)
             result = train_planned(
                 training, {**context, "method": method}, settings[method], run, events, stop,
-                budget=budget, resume=resume and (run / CHECKPOINT_FILE).is_file(),
+                budget=budget, resume=continuing,
             )  # fmt: skip
-            train_seconds = float(getattr(result, "seconds", 0.0) or 0.0)
+            comparison.trained[method] = float(getattr(result, "seconds", 0.0) or 0.0)
+            comparison.save(out)
         predictor = Predictor.from_run(run, device=context.get("device", "auto"))
         predictions = folder / PREDICTIONS_FOLDER
         predict_cases(predictor, held, predictions, 1, events, stop)
@@ -258,18 +288,13 @@ def compare_methods(
             MethodResult(
                 method=method,
                 case_dice=case_mean_dice(folder / EVALUATION_FOLDER / METRICS_FILE),
-                train_seconds=train_seconds,
+                train_seconds=comparison.trained[method],
                 run=str(run.absolute()),
             )
         )
-        if number < len(methods):
-            comparison.reason = f"incomplete: {number} of {len(methods)} methods trained"
-            comparison.recommended = ""
-            write_text_atomic(
-                out / COMPARISON_FILE, json.dumps(comparison.to_json(), indent=1) + "\n"
-            )
     comparison.recommended, comparison.reason = recommend(comparison.results)
-    write_text_atomic(out / COMPARISON_FILE, json.dumps(comparison.to_json(), indent=1) + "\n")
+    comparison.complete = True
+    comparison.save(out)
     events.emit(
         "output",
         stage="comparison",
@@ -279,37 +304,95 @@ def compare_methods(
     return comparison
 
 
-def previous_results(out: Path, held_out: Sequence[str]) -> Dict[str, MethodResult]:
-    """The methods an earlier comparison in ``out`` finished, by name.
+def comparison_inputs(
+    training: Dataset,
+    held: Sequence[Case],
+    methods: Sequence[str],
+    context: Dict[str, Any],
+    explicit: Dict[str, Any],
+    budget: str,
+    seed: int,
+) -> Dict[str, Any]:
+    """What a comparison's results depend on, as JSON: the methods, settings, budget and seed,
+    the classes and modality, and every case's files (path and size) by role."""
+
+    def files(cases: Sequence[Case]) -> List[List[Any]]:
+        return [[c.name, *_file_identity(c.image), *_file_identity(c.label)] for c in cases]
+
+    return json.loads(
+        json.dumps(
+            {
+                "methods": list(methods),
+                "settings": explicit,
+                "budget": budget,
+                "seed": seed,
+                "modality": context.get("modality"),
+                "classes": {str(k): v for k, v in (training.classes or {}).items()},
+                "labeled": files(training.labeled),
+                "unlabeled": files(training.unlabeled),
+                "held_out": files(held),
+            },
+            default=str,
+        )
+    )
+
+
+def _file_identity(path: Any) -> List[Any]:
+    if path is None:
+        return [None, None]
+    path = Path(path).absolute()
+    return [str(path), path.stat().st_size if path.exists() else None]
+
+
+#: What a resumed comparison names when its inputs differ, by key of ``comparison_inputs``.
+_INPUT_NAMES = {
+    "methods": "--methods",
+    "settings": "the settings (--set, --iterations, ...)",
+    "budget": "--budget",
+    "seed": "--seed",
+    "modality": "the modality",
+    "classes": "the classes",
+    "labeled": "the labeled cases (names or files)",
+    "unlabeled": "the unlabeled images",
+    "held_out": "the held-out cases (--holdout or the labeled cases)",
+}
+
+
+def previous_comparison(out: Path, inputs: Dict[str, Any]) -> Comparison:
+    """The comparison in ``out`` that a resume continues.
 
     Raises:
-        ConfigError: ``out`` holds no comparison, or one that held out other cases.
+        ConfigError: ``out`` holds no comparison, or one made with other inputs (named).
     """
     path = out / COMPARISON_FILE
     if not path.is_file():
-        if (out / HELD_OUT_FILE).is_file():
-            return {}  # stopped during its first method
         raise ConfigError(f"--resume: {out} holds no comparison to continue ({path} is missing)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        stored = list(data["held_out"])
-        results = [
-            MethodResult(
-                method=str(r["method"]),
-                case_dice={str(k): float(v) for k, v in r["case_dice"].items()},
-                train_seconds=float(r["train_seconds"]),
-                run=str(r["run"]),
-            )
-            for r in data["results"]
-        ]
+        previous = Comparison(
+            held_out=list(data["held_out"]),
+            results=[
+                MethodResult(
+                    method=str(r["method"]),
+                    case_dice={str(k): float(v) for k, v in r["case_dice"].items()},
+                    train_seconds=float(r["train_seconds"]),
+                    run=str(r["run"]),
+                )
+                for r in data["results"]
+            ],
+            inputs=dict(data["inputs"]),
+            started=[str(m) for m in data["started"]],
+            trained={str(k): float(v) for k, v in data["trained"].items()},
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"--resume: {path} is not a comparison file ({error})") from error
-    if sorted(stored) != sorted(held_out):
+    differ = [name for key, name in _INPUT_NAMES.items() if previous.inputs.get(key) != inputs[key]]
+    if differ:
         raise ConfigError(
-            f"--resume: {path} held out {', '.join(stored)}, but these cases and settings hold "
-            f"out {', '.join(held_out)}; give the same labeled cases, --holdout and --seed"
+            f"--resume: {path} was made with other inputs: {'; '.join(differ)} differ. Resume "
+            "with the same command, or start a new comparison (without --resume, or another --out)"
         )
-    return {r.method: r for r in results}
+    return previous
 
 
 def format_comparison(comparison: Comparison) -> str:
