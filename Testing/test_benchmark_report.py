@@ -69,9 +69,13 @@ def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_b
         "train_time": {"cpu_s": 7200},
         "test_time": {"cpu_s": 1800},
     }
-    row = peer.peer_row(result, "UA-MT (peer code)", "ua-mt", "./run.sh 1500 64 64 48 uamt-L8")
-    assert row["dice"] == pytest.approx(45.0) and row["hd95_mm"] == pytest.approx(2.5)
-    assert row["asd_mm"] == pytest.approx(0.625) and row["empty_predictions"] == 1
+    result["per_case"].append({"id": "c", "dice": 0.0, "jaccard": 0.0, "hd95": 4.0, "asd": 2.0})
+    row = peer.peer_row(result, "UA-MT (peer code)", "ua-mt", 8, 1337, "./run.sh 1500 64 64 48 x")
+    assert row["dice"] == pytest.approx(30.0)
+    # The empty prediction (all four 0) is counted and left out of HD95 and ASD; a prediction
+    # that misses (Dice 0, distances measured) is not empty.
+    assert row["empty_predictions"] == 1 and row["hd95_mm"] == pytest.approx(0.625 * 6)
+    assert row["asd_mm"] == pytest.approx(0.625 * 2)
     assert (row["labels"], row["iterations"], row["train_cpu_hours"]) == (8, 1500, 2.0)
 
     def ours(seed: int, dice: float, iterations: int = 1500) -> dict:
@@ -81,13 +85,14 @@ def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_b
                 "scored_on": "test", "summary": {"classes": {"1": metrics}},
                 "train_cpu_seconds": 1800, "plan": {"patch_size": [56, 40, 24]}}  # fmt: skip
 
-    lines = peer.report_lines([row], [ours(0, 0.88), ours(1, 0.90), ours(0, 0.5, 6000)])
+    warm = {**ours(2, 0.95), "init_from": "supervised-L4"}
+    lines = peer.report_lines([row], [ours(0, 0.88), ours(1, 0.90), ours(0, 0.5, 6000), warm])
     table = [line for line in lines if line.startswith("| ")]
     assert table[1].startswith(
-        "| UA-MT (peer code) | ua-mt | 8 | 1500 | 1 | 64,64,48 | 45.00 (1 empty)"
+        "| UA-MT (peer code) | ua-mt | 8 | 1500 | 1337 | 64,64,48 | 30.00 (1 empty)"
     )
     assert table[2].startswith(
         "| SemiSupSeg | supervised | 8 | 1500 | 0, 1 | 56x40x24 | 89.00 (88.00-90.00)"
     )
-    assert len(table) == 3  # the 6000-iteration run is another budget
+    assert len(table) == 3  # the 6000-iteration run is another budget, the warm start not ours
     assert peer.report_lines([], []) == []

@@ -18,10 +18,11 @@ unless ``--consistency_rampup`` is scaled (each stored row keeps its training ar
 
 The peer's test script writes Dice, Jaccard, HD95 and ASD per case with medpy, HD95 and ASD
 in voxels of the h5 grid; stored here in mm at the challenge's 0.625 mm isotropic spacing. An
-empty prediction scores 0 on all four there (a 0 HD95 flatters the mean): the count is kept.
+empty prediction scores 0 on all four there (a 0 HD95 would flatter the mean): such cases are
+counted, and left out of the HD95 and ASD means (ours penalise them with the image diagonal).
 
     python scripts/peer_benchmark.py add RESULT.json --label "UA-MT (peer code)" \\
-        --method ua-mt --command "./run.sh 1500 64 64 48 uamt-L8"
+        --method ua-mt --labels 8 --seed 1337 --command "./run.sh 1500 64 64 48 uamt-L8"
     python scripts/peer_benchmark.py report   # regenerates docs/benchmarks.md
 
 ``RESULT.json``: what the scratch folder's test wrapper writes for one run: ``mean`` and
@@ -54,47 +55,53 @@ PUBLISHED = (
 )
 
 
-def peer_row(result: dict, label: str, method: str, command: str) -> dict:
+def peer_row(result: dict, label: str, method: str, labels: int, seed: int, command: str) -> dict:
     """One stored row from the peer wrapper's ``result``: means in % and mm, per-case Dice."""
     cases = result["per_case"]
     if not cases:
         raise ValueError("the peer result has no scored case")
+    empty = [c for c in cases if float(c["dice"]) == 0.0 and float(c["hd95"]) == 0.0]
+    predicted = [c for c in cases if c not in empty]
 
-    def mean(metric: str, scale: float) -> float:
-        return scale * sum(float(c[metric]) for c in cases) / len(cases)
+    def mean(metric: str, scale: float, over: list = cases) -> float | None:
+        return scale * sum(float(c[metric]) for c in over) / len(over) if over else None
 
     meta = result.get("meta", {})
     train = (result.get("train_time") or {}).get("cpu_s")
+    test = (result.get("test_time") or {}).get("cpu_s")
+    iterations = int(meta["iterations"])
     return {
-        "key": f"peer-{method}-{meta.get('iterations', '?')}-{result.get('name', label)}",
+        "key": f"peer-{method}-L{labels}-it{iterations}-s{seed}-{result.get('name', label)}",
         "label": label,
         "method": method,
-        "labels": int(meta.get("labels", 8)),
-        "iterations": int(meta["iterations"]),
+        "labels": labels,
+        "seed": seed,
+        "iterations": iterations,
         "patch": meta.get("train_patch_size", ""),
         "train_arguments": meta.get("extra_train_args", ""),
         "test_cases": len(cases),
         "dice": mean("dice", 100),
         "jaccard": mean("jaccard", 100),
-        "hd95_mm": mean("hd95", LA_SPACING_MM),
-        "asd_mm": mean("asd", LA_SPACING_MM),
-        "empty_predictions": sum(1 for c in cases if float(c["dice"]) == 0.0),
+        "hd95_mm": mean("hd95", LA_SPACING_MM, predicted),
+        "asd_mm": mean("asd", LA_SPACING_MM, predicted),
+        "empty_predictions": len(empty),
         "case_dice": {c["id"]: float(c["dice"]) for c in cases},
         "train_cpu_hours": float(train) / 3600 if train else None,
-        "test_cpu_hours": float(result["test_time"]["cpu_s"]) / 3600,
+        "test_cpu_hours": float(test) / 3600 if test else None,
         "command": command,
         "date": datetime.date.today().isoformat(),
     }
 
 
 def ours_at(results: list, labels: int, iterations: int) -> list:
-    """Our Left Atrium test runs with ``labels`` labeled cases and ``iterations``, grouped
-    by method label: (label, runs)."""
+    """Our Left Atrium test runs from scratch with ``labels`` labeled cases and ``iterations``,
+    grouped by method label (a variant in brackets): (label, runs)."""
     groups: dict = {}
     for r in results:
         if (
             r.get("dataset") == "la"
             and r.get("scored_on") == "test"
+            and not r.get("init_from")
             and r["labels"] == labels
             and r["iterations"] == iterations
         ):
@@ -114,9 +121,11 @@ def report_lines(peers: list | None = None, ours: list | None = None) -> list:
         "",
         "The peer's training and test scripts, changed only for the device, our split, the "
         "iteration count and (for CPU time) the patch size (`scripts/peer_benchmark.py` says "
-        "exactly what); its metrics (medpy) on its own sliding window. Ours: the automatic "
-        "plan, mean over seeds with the range. Dice and Jaccard in %, HD95 and ASD in mm; "
-        "training CPU-hours (one thread).",
+        "exactly what); its metrics (medpy) on its own sliding window, HD95 and ASD over the "
+        "cases it predicted anything for (empty ones counted). Ours: the automatic plan (a "
+        "variant in brackets names its settings), mean over seeds with the range, HD95 and ASD "
+        "with empty predictions penalised. Dice and Jaccard in %, HD95 and ASD in mm; training "
+        "CPU-hours (one thread).",
         "",
         "| code | method | labeled | iterations | seeds | patch | Dice | Jaccard | HD95 | ASD | train CPU-h |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -129,10 +138,14 @@ def report_lines(peers: list | None = None, ours: list | None = None) -> list:
         ):
             cpu = f"{p['train_cpu_hours']:.2f}" if p.get("train_cpu_hours") else "n/a"
             empty = f" ({p['empty_predictions']} empty)" if p["empty_predictions"] else ""
+
+            def mm(value: float | None) -> str:
+                return "n/a" if value is None else f"{value:.2f}"
+
             lines.append(
-                f"| {p['label']} | {p['method']} | {labels} | {iterations} | 1 | "
+                f"| {p['label']} | {p['method']} | {labels} | {iterations} | {p['seed']} | "
                 f"{p['patch']} | {p['dice']:.2f}{empty} | {p['jaccard']:.2f} | "
-                f"{p['hd95_mm']:.2f} | {p['asd_mm']:.2f} | {cpu} |"
+                f"{mm(p['hd95_mm'])} | {mm(p['asd_mm'])} | {cpu} |"
             )
         for label, runs in ours_at(ours, labels, iterations):
             seeds = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
@@ -164,11 +177,14 @@ def main() -> None:
     add.add_argument("result", type=Path, help="the peer wrapper's RESULT.json")
     add.add_argument("--label", required=True, help='the row\'s name, e.g. "UA-MT (peer code)"')
     add.add_argument("--method", required=True, help="the method it runs: ua-mt or supervised")
+    add.add_argument("--labels", type=int, required=True, help="labeled cases it trained on")
+    add.add_argument("--seed", type=int, required=True, help="the peer script's --seed")
     add.add_argument("--command", required=True, help="the command that produced it")
     sub.add_parser("report", help="regenerate docs/benchmarks.md")
     args = parser.parse_args()
     if args.action == "add":
-        row = peer_row(json.loads(args.result.read_text()), args.label, args.method, args.command)
+        result = json.loads(args.result.read_text())
+        row = peer_row(result, args.label, args.method, args.labels, args.seed, args.command)
         save_result(row, PEER_RESULTS)
         print(f"stored {row['key']}: Dice {row['dice']:.2f}")
     from benchmark import write_report
