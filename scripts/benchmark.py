@@ -792,6 +792,7 @@ def write_report(all_results: list) -> None:
                 method_label(r),
                 f"`{' '.join(r['settings'])}`" if r["settings"] else "default settings",
                 f", warm start from `{r['init_from']}`" if r.get("init_from") else "",
+                ", the automatic plan (`--plan auto`)" if r.get("plan") else "",
             )
             for r in results
             if r.get("variant")
@@ -799,7 +800,9 @@ def write_report(all_results: list) -> None:
     )
     if variants:
         lines += ["", "Variants (settings beside the defaults):", ""]
-        lines += [f"- `{name}`: {settings}{start}" for name, settings, start in variants]
+        lines += [
+            f"- `{name}`: {settings}{start}{plan}" for name, settings, start, plan in variants
+        ]
     lines += [
         "",
         "![Dice against the number of labeled cases](benchmarks.png)",
