@@ -136,3 +136,6 @@ def test_the_report_compares_each_gain_with_the_mean_random_gain(review):
     text = "\n".join(review.report_lines(losing))
     assert "n/a (random gain ≤ 0)" in text and "does not meet" in text
     assert "| random, mean of 3 | | | -1.00 (-1.00 to -1.00) | n/a (random gain ≤ 0) |" in text
+    partial = "\n".join(review.report_lines(results[:3]))  # shipped, disagreement, 1 draw
+    assert "No verdict yet: 1 of 3 random draws scored." in partial
+    assert "meet" not in partial

@@ -534,7 +534,12 @@ def report_lines(results: Optional[list] = None) -> list:
                 f"{ratio(mean_random)} |"
             )
         shipped = next((r for r in group if r["strategy"] == SHIPPED), None)
-        if shipped is not None and mean_random is not None:
+        if shipped is not None and 0 < len(randoms) < len(RANDOM_SEEDS):
+            lines += [
+                "",
+                f"No verdict yet: {len(randoms)} of {len(RANDOM_SEEDS)} random draws scored.",
+            ]
+        elif shipped is not None and mean_random is not None:
             value = ratio(shipped["gain"])
             verdict = (
                 "meets" if mean_random > 0 and shipped["gain"] >= TARGET_RATIO * mean_random
