@@ -543,7 +543,6 @@ def method_label(result: dict) -> str:
 def protocol_lines(results: list) -> list:
     """Runs of the validation protocol, per dataset and the cases they were scored on: mean
     over seeds with the range, every foreground metric averaged over classes."""
-    import numpy as np
 
     lines = []
     titles = {"la": "Left Atrium 2018", "hippocampus": "MSD Hippocampus"}
@@ -569,25 +568,15 @@ def protocol_lines(results: list) -> list:
                 "|---|---|---|---|---|---|---|---|---|---|",
             ]  # fmt: skip
             for (method, labels, _network, its), runs in sorted(groups.items()):
-
-                def cell(metric: str, scale: float, digits: int, runs: list = runs) -> str:
-                    values = [scale * mean_stat(r["summary"], metric) for r in runs]
-                    text = f"{np.mean(values):.{digits}f}"
-                    if len(values) > 1:
-                        text += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
-                    return text
-
-                cpu = [r["train_cpu_seconds"] / 3600 for r in runs if r.get("train_cpu_seconds")]
                 plan = runs[0].get("plan") or {}
                 plan_text = ", ".join(
-                    _format_plan_value(plan.get(k)) for k in ("target_spacing", "patch_size", "batch_size")
+                    format_plan_value(plan.get(k)) for k in ("target_spacing", "patch_size", "batch_size")
                 ) if plan else "preset"  # fmt: skip
-                seeds = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-                cpu_hours = f"{np.mean(cpu):.2f}" if cpu else "n/a"
                 lines.append(
-                    f"| {method} | {labels} | {its} | {seeds} | {cell('dice', 100, 2)} | "
-                    f"{cell('iou', 100, 2)} | {cell('hd95_mm', 1, 2)} | {cell('asd_mm', 1, 2)} | "
-                    f"{cpu_hours} | {plan_text} |"
+                    f"| {method} | {labels} | {its} | {seed_list(runs)} | "
+                    f"{seeds_cell(runs, 'dice', 100)} | {seeds_cell(runs, 'iou', 100)} | "
+                    f"{seeds_cell(runs, 'hd95_mm', 1)} | {seeds_cell(runs, 'asd_mm', 1)} | "
+                    f"{cpu_hours_cell(runs)} | {plan_text} |"
                 )
             lines += protocol_paired_lines(chosen)
             if scored_on == "validation":
@@ -707,7 +696,26 @@ def protocol_paired_lines(results: list) -> list:
     ]  # fmt: skip
 
 
-def _format_plan_value(value) -> str:
+def seeds_cell(runs: list, metric: str, scale: float, digits: int = 2) -> str:
+    """A foreground metric's mean over ``runs`` (seeds), with its range when there are several."""
+    values = [scale * mean_stat(r["summary"], metric) for r in runs]
+    text = f"{sum(values) / len(values):.{digits}f}"
+    if len(values) > 1:
+        text += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return text
+
+
+def seed_list(runs: list) -> str:
+    return ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+
+
+def cpu_hours_cell(runs: list) -> str:
+    """Mean training CPU-hours of the runs that recorded them."""
+    cpu = [r["train_cpu_seconds"] / 3600 for r in runs if r.get("train_cpu_seconds")]
+    return f"{sum(cpu) / len(cpu):.2f}" if cpu else "n/a"
+
+
+def format_plan_value(value) -> str:
     if isinstance(value, list):
         return "x".join(f"{v:g}" for v in value)
     return str(value)

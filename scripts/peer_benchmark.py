@@ -42,7 +42,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark import RESULTS, load_results, mean_stat, method_label, save_result  # noqa: E402
+from benchmark import (  # noqa: E402
+    RESULTS,
+    cpu_hours_cell,
+    format_plan_value,
+    load_results,
+    method_label,
+    save_result,
+    seed_list,
+    seeds_cell,
+)
 
 PEER_RESULTS = ROOT / "docs" / "peer-results.json"
 #: Left Atrium 2018's voxel spacing (mm): the h5 files do not store it.
@@ -148,20 +157,13 @@ def report_lines(peers: list | None = None, ours: list | None = None) -> list:
                 f"{mm(p['hd95_mm'])} | {mm(p['asd_mm'])} | {cpu} |"
             )
         for label, runs in ours_at(ours, labels, iterations):
-            seeds = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-            plan = runs[0].get("plan") or {}
-            patch = "x".join(str(v) for v in plan.get("patch_size", [])) or "preset"
-
-            def cell(metric: str, scale: float, runs: list = runs) -> str:
-                values = [scale * mean_stat(r["summary"], metric) for r in runs]
-                text = f"{sum(values) / len(values):.2f}"
-                return text + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
-
-            cpu = [r["train_cpu_seconds"] / 3600 for r in runs if r.get("train_cpu_seconds")]
+            patch = (runs[0].get("plan") or {}).get("patch_size")
             lines.append(
-                f"| SemiSupSeg | {label} | {labels} | {iterations} | {seeds} | {patch} | "
-                f"{cell('dice', 100)} | {cell('iou', 100)} | {cell('hd95_mm', 1)} | "
-                f"{cell('asd_mm', 1)} | {f'{sum(cpu) / len(cpu):.2f}' if cpu else 'n/a'} |"
+                f"| SemiSupSeg | {label} | {labels} | {iterations} | {seed_list(runs)} | "
+                f"{format_plan_value(patch) if patch else 'preset'} | "
+                f"{seeds_cell(runs, 'dice', 100)} | {seeds_cell(runs, 'iou', 100)} | "
+                f"{seeds_cell(runs, 'hd95_mm', 1)} | {seeds_cell(runs, 'asd_mm', 1)} | "
+                f"{cpu_hours_cell(runs)} |"
             )
     commands = sorted({p["command"] for p in peers})
     return lines + ["", PUBLISHED, "", "Peer commands (in its scratch folder):", "", "```",
