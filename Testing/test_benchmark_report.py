@@ -96,3 +96,28 @@ def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_b
     )
     assert len(table) == 3  # the 6000-iteration run is another budget, the warm start not ours
     assert peer.report_lines([], []) == []
+
+
+def test_peer_changes_are_only_the_allowed_ones_and_a_changed_peer_stops_the_preparation():
+    peer = load_script("peer/uamt_peer")
+    script = (
+        "parser.add_argument('--gpu', type=str,  default='0', help='GPU to use')\n"
+        "args = parser.parse_args()\n"
+        "patch_size = (112, 112, 80)\n"
+        "net = VNet().cuda()\n"
+        "loader = DataLoader(db, num_workers=4, pin_memory=True)\n"
+        "labeled_idxs = list(range(16))\n"
+        "unlabeled_idxs = list(range(16, 80))\n"
+        "ema.mul_(alpha).add_(1 - alpha, param.data)\n"
+        "preds = torch.zeros([stride * T, 2, 112, 112, 80]).cuda()\n"
+    )
+    changed = peer.allowed_changes("train_LA_meanteacher_certainty.py", script)
+    assert ".cuda()" not in changed and "torch.zeros([stride * T, 2, *patch_size])" in changed
+    assert "num_workers=0, pin_memory=False" in changed
+    assert "patch_size = tuple(args.patch_size)" in changed
+    assert "list(range(args.labeled_num, len(db_train)))" in changed
+    assert "--labeled_num" in changed.split("args = parser.parse_args()")[0]
+    with pytest.raises(SystemExit, match="range"):
+        peer.allowed_changes(
+            "train_LA_meanteacher_certainty.py", script.replace("range(16)", "range(20)")
+        )

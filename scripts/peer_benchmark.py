@@ -5,16 +5,15 @@ next to our runs of the same split, labels and iteration budget.
 The peer is the code of Yu et al., "Uncertainty-aware Self-ensembling Model for Semi-supervised
 3D Left Atrium Segmentation" (MICCAI 2019, github.com/yulequan/UA-MT):
 ``code/train_LA_meanteacher_certainty.py`` (UA-MT) and ``code/train_LA.py`` (its supervised
-V-Net), then ``code/test_LA.py``. It is run from a scratch folder outside this repository
-and never committed. Changed only as the benchmark allows: the device (CPU, no ``.cuda()``, no
-data-loader workers), the split (our ``train.list``: the 8 labeled cases first, then the
-unlabeled ones; the validation cases in neither list; the same 20 test cases), the iteration
-count (``--max_iterations``; ``test_LA.py`` tests the final checkpoint) and, where CPU time
-requires it, the patch size (a ``--patch_size`` argument for training and test). Nothing else:
-network, losses, augmentation, optimiser and schedule, EMA, consistency ramp, test strides and
-metrics are the peer's. Its schedules are tied to 6000 iterations: at 1500 the learning rate
-never steps down and the consistency weight reaches only a fraction of its final value,
-unless ``--consistency_rampup`` is scaled (each stored row keeps its training arguments).
+V-Net), tested with the ``test_single_case`` and medpy metrics of its ``code/test_util.py``.
+It runs from a scratch folder outside this repository and is never committed;
+``scripts/peer/uamt_peer.py`` prepares that folder, applies the changes the benchmark allows
+(the device, the split, the iteration count and, where CPU time requires it, the patch size)
+and writes the RESULT.json read here. Network, losses, augmentation, optimiser and schedule,
+EMA, consistency ramp, test strides and metrics are the peer's. Its schedules are tied to
+6000 iterations: at 1500 the learning rate never steps down and the consistency weight
+reaches only a fraction of its final value, unless ``--consistency_rampup`` is scaled (each
+stored row keeps its training arguments).
 
 The peer's test script writes Dice, Jaccard, HD95 and ASD per case with medpy, HD95 and ASD
 in voxels of the h5 grid; stored here in mm at the challenge's 0.625 mm isotropic spacing. An
@@ -22,10 +21,11 @@ empty prediction scores 0 on all four there (a 0 HD95 would flatter the mean): s
 counted, and left out of the HD95 and ASD means (ours penalise them with the image diagonal).
 
     python scripts/peer_benchmark.py add RESULT.json --label "UA-MT (peer code)" \\
-        --method ua-mt --labels 8 --seed 1337 --command "./run.sh 1500 64 64 48 uamt-L8"
+        --method ua-mt --labels 8 --seed 1337 \\
+        --command "scripts/peer/uamt_peer.py train --script uamt --name uamt-L8 ..."
     python scripts/peer_benchmark.py report   # regenerates docs/benchmarks.md
 
-``RESULT.json``: what the scratch folder's test wrapper writes for one run: ``mean`` and
+``RESULT.json``: what ``uamt_peer.py test`` writes for one run: ``mean`` and
 ``per_case`` (``id``, ``dice``, ``jaccard``, ``hd95``, ``asd``), ``meta`` (``iterations``,
 ``train_patch_size``, ``extra_train_args``), ``train_time`` (``cpu_s``) and ``test_time``
 (``cpu_s``).
