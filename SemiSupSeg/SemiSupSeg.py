@@ -29,6 +29,7 @@ from SemiSupSegLib import dependencies, mrml_io
 from SemiSupSegLib.backend_process import BackendProcess, backendEnvironment, slicerPython
 from SemiSupSegLib.job_export import ExportCancelled, JobExporter, LabeledPair
 from SemiSupSegLib.method_catalogue import DEFAULT_METHOD, describe_methods, method_names
+from SemiSupSegLib.output_layout import review_order
 from SemiSupSegLib.progress import planSummary
 from SemiSupSegLib.protocol import MODALITIES
 from SemiSupSegLib.scene_import import COLOUR_MAPS, setUncertaintyColours
@@ -70,7 +71,7 @@ class SemiSupSeg(ScriptedLoadableModule):
             """
 Train a 3D segmentation model from a few labeled volumes and many unlabeled ones
 (M&amp;N 2D/3D co-training, embedding matching, or both), in a background process.
-Review the pseudo-masks of the unlabeled volumes, most uncertain first, with their
+Review the pseudo-masks of the unlabeled volumes, sorted by a case score, with their
 uncertainty maps; correct them in the Segment Editor, accept them as labeled, and retrain.
 See <a href="https://github.com/semisupseg/SemiSupSeg">the documentation</a>.
 """
@@ -323,9 +324,9 @@ class SemiSupSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setData(qt.Qt.UserRole, row.case)
                 table.setItem(index, column, item)
         if rows:
-            self.ui.resultsLabel.text = _(
-                "Round {round}: {count} case(s), most uncertain first"
-            ).format(round=rows[0].round, count=len(rows))
+            self.ui.resultsLabel.text = _("Round {round}: {count} case(s), {order}").format(
+                round=rows[0].round, count=len(rows), order=review_order()
+            )
         else:
             self.ui.resultsLabel.text = _("No results yet")
         self._updateReviewButtons()

@@ -134,8 +134,30 @@ def test_the_report_compares_each_gain_with_the_mean_random_gain(review):
     assert "ratio 1.25: does not meet" in "\n".join(review.report_lines(results))
     losing = [result("shipped", 0.01)] + [result(f"random-{s}", -0.01) for s in range(3)]
     text = "\n".join(review.report_lines(losing))
-    assert "n/a (random gain ≤ 0)" in text and "does not meet" in text
+    assert "random choice loses Dice on average, no ratio: meets the target" in text
+    losing[0] = result("shipped", -0.005)  # above 1.5 x the random mean, but a loss
+    assert "does not meet" in "\n".join(review.report_lines(losing))
     assert "| random, mean of 3 | | | -1.00 (-1.00 to -1.00) | n/a (random gain ≤ 0) |" in text
     partial = "\n".join(review.report_lines(results[:3]))  # shipped, disagreement, 1 draw
     assert "No verdict yet: 1 of 3 random draws scored." in partial
     assert "meet" not in partial
+
+
+def test_the_score_to_ship_must_meet_the_target_on_every_datasets_validation_cases(review):
+    def on(dataset: str, strategy: str, gain: float, scored_on: str = "validation") -> dict:
+        return dict(result(strategy, gain), dataset=dataset, scored_on=scored_on)
+
+    results = [on("la", "shipped", 0.01), on("la", "disagreement", 0.002)]
+    results += [on("la", f"random-{s}", g) for s, g in enumerate((0.001, -0.002, -0.002))]
+    results += [on("hippo", "shipped", 0.005), on("hippo", "disagreement", 0.01)]
+    results += [on("hippo", f"random-{s}", g) for s, g in enumerate((0.002, 0.004, 0.006))]
+    results += [on("hippo", "disagreement", -0.05, "test")]  # never changes the choice
+    text = "\n".join(review.report_lines(results))
+    assert "| score | hippo (random +0.40) | la (random -0.10) |" in text
+    assert "| boundary_uncertainty (shipped) | +0.50 no | +1.00 meets |" in text
+    assert "| disagreement | +1.00 meets | +0.20 meets |" in text
+    assert "Meets the target on every dataset: disagreement." in text
+    text = "\n".join(review.report_lines([r for r in results if r["strategy"] != "disagreement"]))
+    assert "No score meets the target on every dataset" in text
+    one_dataset = [r for r in results if r["dataset"] == "la"]
+    assert "Which score to ship" not in "\n".join(review.report_lines(one_dataset))

@@ -447,6 +447,8 @@ def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(
     widget._parameterNode = fresh
     widget._fillResultsTable()  # as when the job finished
     assert resultCases(widget) == ["hc004"]
+    # the caption names the sort (the review score), not an unproven "most uncertain first"
+    assert widget.ui.resultsLabel.text == "Round 2: 1 case(s), highest boundary uncertainty first"
     scene.Clear(False)
     widget.onSceneEndClose(scene, None)
     assert widget._parameterNode.outputFolder == tmp_path / "out"

@@ -47,6 +47,7 @@ from screenshot_session import EVENTS_FILE, render_command  # noqa: E402
 from SemiSupSegLib import dependencies  # noqa: E402
 from SemiSupSegLib.backend_process import BackendProcess  # noqa: E402
 from SemiSupSegLib.dependencies import ProbeResult, parseProbeOutput, probeCommand  # noqa: E402
+from SemiSupSegLib.output_layout import review_order  # noqa: E402
 from SemiSupSegLib.progress import ProgressModel, planSummary  # noqa: E402
 from SemiSupSegLib.protocol import JOB_FILE_NAME, JobSpec  # noqa: E402
 from SemiSupSegLib.results import Session  # noqa: E402
@@ -200,9 +201,7 @@ def fill(panel: QWidget, session_folder: Path) -> None:
     log.moveCursor(QTextCursor.End)
 
     rows = session.reviewRows(first)
-    find(QLabel, "resultsLabel").setText(
-        f"Round {first}: {len(rows)} case(s), most uncertain first"
-    )
+    find(QLabel, "resultsLabel").setText(f"Round {first}: {len(rows)} case(s), {review_order()}")
     results = find(QTableWidget, "resultsTable")
     fill_table(results, [row.cells() for row in rows[:6]])
     results.setSelectionBehavior(QAbstractItemView.SelectRows)

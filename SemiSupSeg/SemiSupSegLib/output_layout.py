@@ -95,6 +95,13 @@ CASE_SCORES = (
 REVIEW_SCORE = "boundary_uncertainty"
 
 
+def review_order() -> str:
+    """The review table's order in words, for captions: the review score, highest first. It
+    names the sort and nothing more: no score has been shown to pick better cases to correct
+    than a random choice on both benchmarks (``scripts/review_order_benchmark.py``)."""
+    return f"highest {REVIEW_SCORE.replace('_', ' ')} first"
+
+
 @dataclass(frozen=True)
 class ScoreRow:
     """One row of ``scores.csv``: a predicted case and its review scores.

@@ -63,7 +63,7 @@ class ReviewRow:
 
 
 def readScores(path, roundNumber: int = 0) -> List[ReviewRow]:
-    """Rows of a backend ``scores.csv`` (``output_layout.ScoreRow``), most uncertain first;
+    """Rows of a backend ``scores.csv`` (``output_layout.ScoreRow``), highest score first;
     relative paths are taken relative to the file's folder."""
     path = Path(path)
     try:
