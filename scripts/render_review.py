@@ -4,7 +4,7 @@
     .venv/bin/python scripts/render_review.py SESSION [OUTPUT.png]
 
 Reads the files the module loads for a review case (the image, the pseudo-mask label map and
-the uncertainty map of round 1's most uncertain case, from its scores.csv) and draws the slice
+the uncertainty map of the first case of round 1's table, from its scores.csv) and draws the slice
 through most of the pseudo-mask twice: the pseudo-mask's segments over the image, in the
 labeled cases' segment colours; and the uncertainty map over the image with the Inferno colour
 map at the panel's default opacity (40%), with the segments' outlines. Slicer's views cannot be
@@ -47,7 +47,7 @@ def render(session_folder: Path, output: Path) -> Path:
     rows = session.reviewRows(session.rounds[0].round)
     if not rows:
         raise SystemExit(f"{session.path}: round {session.rounds[0].round} has no results")
-    row = rows[0]  # the most uncertain case: the first one the table offers
+    row = rows[0]  # the first case the table offers
     image, spacing = voxels(row.image)
     labels, _ = voxels(row.label)
     uncertainty, _ = voxels(row.uncertainty)
@@ -81,7 +81,7 @@ def render(session_folder: Path, output: Path) -> Path:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours]
     axes[0].legend(handles, names, loc="lower left", fontsize=8, framealpha=0.8)
     figure.suptitle(
-        f"{row.case}, round {row.round}: score {row.score:.4f} (most uncertain of "
+        f"{row.case}, round {row.round}: score {row.score:.4f} (first of "
         f"{len(rows)}), slice {k + 1} of {image.shape[0]}",
         fontsize=10,
     )

@@ -5,7 +5,7 @@
 
 The module's own Slicer-side code runs on a slicer-core MRML scene: labeled hippocampus cases
 (labelmap volumes named by the data set's classes) and unlabeled volumes are exported by the
-Workflow, round 1 trains and predicts in the backend process, the most uncertain case is loaded
+Workflow, round 1 trains and predicts in the backend process, the table's first case is loaded
 and accepted as labeled, and round 2 retrains (warm start). Each round's event stream is also
 written to ``round-NNN/events.jsonl`` so that scripts/render_panel.py can replay it.
 ``scripts/render_panel.py OUTPUT_FOLDER`` and ``scripts/render_review.py OUTPUT_FOLDER`` then
