@@ -71,6 +71,11 @@ def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_b
     }
     result["per_case"].append({"id": "c", "dice": 0.0, "jaccard": 0.0, "hd95": 4.0, "asd": 2.0})
     row = peer.peer_row(result, "UA-MT (peer code)", "ua-mt", 8, 1337, "./run.sh 1500 64 64 48 x")
+    result.update(labels=8, script="uamt")  # what uamt_peer.py test writes: checked against
+    with pytest.raises(ValueError, match="labels 8, not 16"):
+        peer.peer_row(result, "UA-MT (peer code)", "ua-mt", 16, 1337, "x")
+    with pytest.raises(ValueError, match="script 'uamt', not 'supervised'"):
+        peer.peer_row(result, "V-Net (peer code)", "supervised", 8, 1337, "x")
     assert row["dice"] == pytest.approx(30.0)
     # The empty prediction (all four 0) is counted and left out of HD95 and ASD; a prediction
     # that misses (Dice 0, distances measured) is not empty.

@@ -135,6 +135,8 @@ def test_the_report_compares_each_gain_with_the_mean_random_gain(review):
     losing = [result("shipped", 0.01)] + [result(f"random-{s}", -0.01) for s in range(3)]
     text = "\n".join(review.report_lines(losing))
     assert "random choice loses Dice on average, no ratio: meets the target" in text
+    losing[1] = result("random-0", 0.02)  # a losing mean, but one draw gained more
+    assert "does not meet" in "\n".join(review.report_lines(losing))
     losing[0] = result("shipped", -0.005)  # above 1.5 x the random mean, but a loss
     assert "does not meet" in "\n".join(review.report_lines(losing))
     assert "| random, mean of 3 | | | -1.00 (-1.00 to -1.00) | n/a (random gain ≤ 0) |" in text
@@ -153,7 +155,8 @@ def test_the_score_to_ship_must_meet_the_target_on_every_datasets_validation_cas
     results += [on("hippo", f"random-{s}", g) for s, g in enumerate((0.002, 0.004, 0.006))]
     results += [on("hippo", "disagreement", -0.05, "test")]  # never changes the choice
     text = "\n".join(review.report_lines(results))
-    assert "| score | hippo (random +0.40) | la (random -0.10) |" in text
+    base = "`la-mn-L8-s0-unet-it1500-val`"
+    assert f"| score | hippo from {base} (random +0.40) | la from {base} (random -0.10) |" in text
     assert "| boundary_uncertainty (shipped) | +0.50 no | +1.00 meets |" in text
     assert "| disagreement | +1.00 meets | +0.20 meets |" in text
     assert "Meets the target on every dataset: disagreement." in text

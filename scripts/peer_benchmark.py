@@ -54,6 +54,8 @@ from benchmark import (  # noqa: E402
 )
 
 PEER_RESULTS = ROOT / "docs" / "peer-results.json"
+#: Our method name -> the peer training script that runs it (``scripts/peer/uamt_peer.py``).
+PEER_SCRIPT = {"ua-mt": "uamt", "supervised": "supervised"}
 #: Left Atrium 2018's voxel spacing (mm): the h5 files do not store it.
 LA_SPACING_MM = 0.625
 #: Published GPU figures (Dice %), for context only: other budget, patch and hardware.
@@ -69,6 +71,10 @@ def peer_row(result: dict, label: str, method: str, labels: int, seed: int, comm
     cases = result["per_case"]
     if not cases:
         raise ValueError("the peer result has no scored case")
+    trained = {"labels": labels, "script": PEER_SCRIPT.get(method, method)}
+    for name, value in trained.items():
+        if name in result and result[name] != value:
+            raise ValueError(f"the peer run has {name} {result[name]!r}, not {value!r}")
     empty = [c for c in cases if float(c["dice"]) == 0.0 and float(c["hd95"]) == 0.0]
     predicted = [c for c in cases if c not in empty]
 

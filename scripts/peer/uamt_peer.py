@@ -27,8 +27,7 @@ nibabel) go into ``SCRATCH/pylib``, not into the project's environment.
     python scripts/peer/uamt_peer.py prepare --source UA-MT/.git --scratch ../scratch/uamt
     python scripts/peer/uamt_peer.py train --scratch ../scratch/uamt --script supervised \\
         --name vnet-L8 --labels 8 --iterations 1500 --patch 64 64 48
-    python scripts/peer/uamt_peer.py test --scratch ../scratch/uamt --name vnet-L8 \\
-        --iterations 1500 --patch 64 64 48
+    python scripts/peer/uamt_peer.py test --scratch ../scratch/uamt --name vnet-L8
 """
 
 from __future__ import annotations
@@ -51,7 +50,9 @@ SCRIPTS = {
     "supervised": "train_LA.py",
     "uamt": "train_LA_meanteacher_certainty.py",
 }
-PEER_PACKAGES = ["tensorboardX", "medpy", "nibabel"]
+#: What the peer imports that the project's environment lacks, installed without their
+#: dependencies so that none shadows the project's own numpy or torch helpers.
+PEER_PACKAGES = ["tensorboardX", "medpy", "nibabel", "protobuf"]
 PATCH_ARGUMENT = (
     "parser.add_argument('--patch_size', type=int, nargs=3, default=[112, 112, 80])\n"
     "parser.add_argument('--labeled_num', type=int, default=16)\n"
@@ -142,7 +143,8 @@ def prepare(args: argparse.Namespace) -> None:
     lib = scratch / "pylib"
     if not lib.exists():
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--target", str(lib), *PEER_PACKAGES],
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(lib)]
+            + PEER_PACKAGES,
             check=True,
         )
     print(
@@ -160,6 +162,8 @@ def peer_environment(scratch: Path, threads: int) -> dict:
 
 def train(args: argparse.Namespace) -> None:
     scratch = Path(args.scratch)
+    if (scratch / "model" / args.name).exists():
+        raise SystemExit(f"{scratch / 'model' / args.name} exists: another --name, or remove it")
     command = [
         sys.executable,
         SCRIPTS[args.script],
@@ -190,6 +194,7 @@ def train(args: argparse.Namespace) -> None:
         ),
         "wall_s": round(time.time() - started, 1),
         "threads": args.threads,
+        "script": args.script,
         "labels": args.labels,
         "iterations": args.iterations,
         "train_patch_size": list(args.patch),
@@ -199,18 +204,20 @@ def train(args: argparse.Namespace) -> None:
     print(f"trained {args.name}: {record['cpu_s'] / 3600:.2f} CPU-h")
 
 
-def checkpoint(folder: Path, iterations: int) -> Path:
-    """The peer's final checkpoint: the supervised script saves iter_<N+1>, UA-MT iter_<N>."""
-    candidates = [folder / f"iter_{iterations + 1}.pth", folder / f"iter_{iterations}.pth"]
-    found = next((c for c in candidates if c.exists()), None)
-    if found is None:
-        raise SystemExit(f"{folder}: no final checkpoint ({', '.join(c.name for c in candidates)})")
-    return found
+def checkpoint(folder: Path, record: dict) -> Path:
+    """The peer's final checkpoint of the training ``record`` describes: the supervised script
+    saves ``iter_<N+1>`` (it stops after N+1 iterations), UA-MT ``iter_<N>``."""
+    final = record["iterations"] + (1 if record["script"] == "supervised" else 0)
+    weights = folder / f"iter_{final}.pth"
+    if not weights.exists():
+        raise SystemExit(f"{weights}: no final checkpoint of the {record['script']} training")
+    return weights
 
 
 def test(args: argparse.Namespace) -> None:
     scratch = Path(args.scratch)
-    sys.path[:0] = [str(scratch / "pylib"), str(scratch / "code")]
+    sys.path[:0] = [str(scratch / "code")]
+    sys.path.append(str(scratch / "pylib"))
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import h5py
     import torch
@@ -219,7 +226,9 @@ def test(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     folder = scratch / "model" / args.name
-    weights = checkpoint(folder, args.iterations)
+    train_record = json.loads((folder / "train_time.json").read_text())
+    patch = tuple(train_record["train_patch_size"])  # the peer tests at its training patch
+    weights = checkpoint(folder, train_record)
     net = VNet(n_channels=1, n_classes=2, normalization="batchnorm", has_dropout=False)
     net.load_state_dict(torch.load(weights, map_location="cpu"))
     net.eval()
@@ -230,7 +239,7 @@ def test(args: argparse.Namespace) -> None:
         with h5py.File(scratch / CASES / case / "mri_norm2.h5", "r") as h5:
             image, label = h5["image"][:], h5["label"][:]
         with torch.no_grad():
-            prediction, _ = test_single_case(net, image, 18, 4, tuple(args.patch), num_classes=2)
+            prediction, _ = test_single_case(net, image, 18, 4, patch, num_classes=2)
         scores = (
             (0, 0, 0, 0) if prediction.sum() == 0 else calculate_metric_percase(prediction, label)
         )
@@ -238,18 +247,20 @@ def test(args: argparse.Namespace) -> None:
             dict(zip(("id", "dice", "jaccard", "hd95", "asd"), (case, *map(float, scores))))
         )
         print(f"{number}/{len(cases)} {case} Dice {per_case[-1]['dice']:.4f}", flush=True)
-    train_record = json.loads((folder / "train_time.json").read_text())
     result = {
+        "name": args.name,
+        "script": train_record["script"],
+        "labels": train_record["labels"],
         "mean": {
             m: sum(c[m] for c in per_case) / len(per_case)
             for m in ("dice", "jaccard", "hd95", "asd")
         },
         "per_case": per_case,
         "meta": {
-            "iterations": args.iterations,
+            "iterations": train_record["iterations"],
             "checkpoint": weights.name,
             "train_patch_size": train_record["train_patch_size"],
-            "test_patch_size": list(args.patch),
+            "test_patch_size": list(patch),
             "extra_train_args": train_record["extra_train_args"],
             "train_command": train_record["command"],
         },
@@ -285,10 +296,10 @@ def main() -> None:
         p = commands.add_parser(name)
         p.add_argument("--scratch", required=True)
         p.add_argument("--name", required=True, help="the run's folder under SCRATCH/model")
-        p.add_argument("--iterations", type=int, default=1500)
-        p.add_argument("--patch", type=int, nargs=3, default=[112, 112, 80])
         p.add_argument("--threads", type=int, default=1)
     p = commands.choices["train"]
+    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--patch", type=int, nargs=3, default=[112, 112, 80], help="training and test")
     p.add_argument("--script", choices=sorted(SCRIPTS), required=True)
     p.add_argument("--labels", type=int, default=8)
     p.add_argument("extra", nargs="*", help="further arguments for the peer's script (after --)")
