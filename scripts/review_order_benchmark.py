@@ -504,7 +504,7 @@ def report_lines(results: Optional[list] = None) -> list:
     # validation first (where the score is chosen), then the test cases (scored once)
     order = sorted(groups, key=lambda k: (k[0], k[1], k[2] != "validation"))
     for (dataset, base, scored_on), group in ((key, groups[key]) for key in order):
-        randoms = [r["gain"] for r in group if r["strategy"].startswith("random-")]
+        randoms = random_gains(group)
         mean_random = sum(randoms) / len(randoms) if randoms else None
 
         def ratio(gain: float, mean_random: Optional[float] = mean_random) -> str:
@@ -558,6 +558,11 @@ def report_lines(results: Optional[list] = None) -> list:
     return lines + choice_lines(groups) + ["Reproduce:", "", "```", *commands, "```", ""]
 
 
+def random_gains(group: Sequence[dict]) -> List[float]:
+    """The Dice gains of a group's random draws."""
+    return [r["gain"] for r in group if r["strategy"].startswith("random-")]
+
+
 def meets_target(gain: float, randoms: Sequence[float]) -> bool:
     """At least ``TARGET_RATIO`` times the mean random gain; where random choice loses Dice on
     average (no ratio to give), a gain at all and at least the best random draw's."""
@@ -574,7 +579,7 @@ def choice_lines(groups: dict) -> list:
     validation = {k: g for k, g in groups.items() if k[2] == "validation"}
     draws = {}
     for key, group in validation.items():
-        randoms = [r["gain"] for r in group if r["strategy"].startswith("random-")]
+        randoms = random_gains(group)
         if len(randoms) == len(RANDOM_SEEDS):
             draws[key] = randoms
     if len(draws) < 2:
@@ -599,17 +604,12 @@ def choice_lines(groups: dict) -> list:
     ]
     winners = []
     for name, gains in sorted(by_score.items()):
-        cells = []
-        for key in keys:
-            gain = gains.get(key)
-            cells.append(
-                "" if gain is None
-                else f"{100 * gain:+.2f} {'meets' if meets_target(gain, draws[key]) else 'no'}"
-            )  # fmt: skip
-        if all(
-            g is not None and meets_target(g, draws[k])
-            for k, g in ((k, gains.get(k)) for k in keys)
-        ):
+        meets = {k: meets_target(gains[k], draws[k]) for k in keys if k in gains}
+        cells = [
+            f"{100 * gains[k]:+.2f} {'meets' if meets[k] else 'no'}" if k in gains else ""
+            for k in keys
+        ]
+        if len(meets) == len(keys) and all(meets.values()):
             winners.append(name)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     shipped = scores[0] if len(scores) == 1 else ", ".join(scores)

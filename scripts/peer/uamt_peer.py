@@ -19,8 +19,8 @@ Network, losses, augmentation, optimiser, schedule, EMA, consistency ramp and th
 strides and metrics are the peer's. ``train`` runs a training script and records its CPU
 time; ``test`` runs the peer's ``test_single_case`` and ``calculate_metric_percase`` on
 every test case (inside ``torch.no_grad``, which changes no number) and writes the RESULT.json
-``scripts/peer_benchmark.py add`` reads. The peer's extra packages (tensorboardX, medpy,
-nibabel) go into ``SCRATCH/pylib``, not into the project's environment.
+``scripts/peer_benchmark.py add`` reads. The peer's extra packages (``PEER_PACKAGES``) go
+into ``SCRATCH/pylib``, not into the project's environment.
 
     python scripts/peer/uamt_peer.py prepare --source UA-MT/.git --scratch ../scratch/uamt
     python scripts/peer/uamt_peer.py train --scratch ../scratch/uamt --script supervised \\
@@ -43,7 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-CASES = "data/2018LA_Seg_Training Set"
+from convert_left_atrium import CASES_FOLDER, H5_NAME, source_reader  # noqa: E402
+
+#: The h5 cases in the scratch folder, laid out as in the peer's repository.
+CASES = f"data/{CASES_FOLDER}"
 SCRIPTS = {
     "supervised": "train_LA.py",
     "uamt": "train_LA_meanteacher_certainty.py",
@@ -58,6 +61,7 @@ PATCH_ARGUMENT = (
 
 
 def git_show(source: Path, path: str) -> bytes:
+    """A file of the peer's code from the clone's git directory."""
     return subprocess.run(
         ["git", f"--git-dir={source}", "show", f"HEAD:{path}"], check=True, capture_output=True
     ).stdout
@@ -125,16 +129,17 @@ def prepare(args: argparse.Namespace) -> None:
     (scratch / "CHANGES.diff").write_text("".join(diff))
 
     split = dataset_split("la", Path(args.data), hold_validation=True)
-    pool = [c for c in split.train if c not in set(split.labeled(args.max_labels))]
-    train = split.labeled(args.max_labels) + pool
+    labeled = split.labeled(args.max_labels)
+    train = labeled + [c for c in split.train if c not in set(labeled)]
     (scratch / "data").mkdir(exist_ok=True)
     (scratch / "data" / "train.list").write_text("\n".join(train) + "\n")
     (scratch / "data" / "test.list").write_text("\n".join(split.test) + "\n")
+    read = source_reader(source)
     for case in train + split.test:
-        h5 = scratch / CASES / case / "mri_norm2.h5"
+        h5 = scratch / CASES / case / H5_NAME
         if not h5.exists():
             h5.parent.mkdir(parents=True, exist_ok=True)
-            h5.write_bytes(git_show(source, f"{CASES}/{case}/mri_norm2.h5"))
+            h5.write_bytes(read(f"{CASES_FOLDER}/{case}/{H5_NAME}"))
     lib = scratch / "pylib"
     if not lib.exists():
         subprocess.run(
@@ -231,7 +236,7 @@ def test(args: argparse.Namespace) -> None:
     per_case = []
     before, started = time.process_time(), time.time()
     for number, case in enumerate(cases, 1):
-        with h5py.File(scratch / CASES / case / "mri_norm2.h5", "r") as h5:
+        with h5py.File(scratch / CASES / case / H5_NAME, "r") as h5:
             image, label = h5["image"][:], h5["label"][:]
         with torch.no_grad():
             prediction, _ = test_single_case(net, image, 18, 4, patch, num_classes=2)
