@@ -397,7 +397,7 @@ def resultCases(widget):
 
 
 def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(
-    module, tmp_path, monkeypatch
+    module, tmp_path, monkeypatch, request
 ):
     """Also after a close with no job running, the results the panel shows are those of the
     new parameter node's output folder, and a row selected there loads."""
@@ -405,6 +405,8 @@ def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(
     logic = semisupseg.SemiSupSegLogic()
     # what the widget's onSceneStartClose does
     tag = scene.AddObserver(scene.StartCloseEvent, lambda *args: logic.onSceneStartClose())
+    # also when the test stops early: a Python callback left on the scene crashes its collection
+    request.addfinalizer(lambda: scene.RemoveObserver(tag))
     p = logic.getParameterNode()
     volumes = [
         mrml_io.readVolumeNode(scene, hippocampusCase(n)[0], f"hc{n}")
@@ -471,7 +473,6 @@ def test_closing_the_scene_forgets_its_nodes_and_keeps_a_running_jobs_results(
     logic.dependencyProbe = probeAnswer([])  # checked already: enter starts no probe
     widget.enter()
     assert resultCases(widget) == ["hc004"]
-    scene.RemoveObserver(tag)
 
 
 def executable(path):
