@@ -17,6 +17,7 @@ from SemiSupSegLib.backend.datasets import Dataset, load_dataset
 from SemiSupSegLib.backend.errors import CancelledError, ConfigError
 from SemiSupSegLib.backend.events import EventSink
 from SemiSupSegLib.backend.methods import create_method
+from SemiSupSegLib.backend.methods.embedding_matching import MNEMOptions
 from SemiSupSegLib.backend.methods.mn import (
     Teaching,
     TwoCycleSchedule,
@@ -84,7 +85,7 @@ def test_sampling_schedule_values():
 
 
 def test_batch_composition_follows_the_stages():
-    method = create_method(_config(), 3, torch.device("cpu"))
+    method = create_method(_config(unlabeled_mode="replace"), 3, torch.device("cpu"))
     compositions = [method.batch_composition(i) for i in range(10)]
     assert compositions[:3] == [(2, 0)] * 3  # warm-up: labeled only
     assert compositions[3] == (2, 0) and compositions[-1] == (1, 1)
@@ -98,7 +99,9 @@ def test_batch_composition_follows_the_stages():
     with pytest.raises(ConfigError, match="unknown setting 'method.no_such_option' of method 'mn'"):
         create_method(_config(no_such_option=1), 3, torch.device("cpu"))
 
-    added = create_method(_config(unlabeled_mode="add"), 3, torch.device("cpu"))
+    added = create_method(_config(), 3, torch.device("cpu"))
+    assert added.options.unlabeled_mode == "add"  # mn's default
+    assert MNEMOptions().unlabeled_mode == "replace"  # mn+em keeps the paper's (not measured)
     compositions = [added.batch_composition(i) for i in range(10)]
     assert all(n_l == 2 for n_l, _ in compositions)  # labeled patches never give way
     unlabeled = [n_u for _, n_u in compositions]

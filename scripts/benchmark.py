@@ -78,6 +78,9 @@ PUBLISHED_SCHEDULE = ["patch_size=112x112x80", "batch_size=4", "target_spacing=0
 RESULTS = ROOT / "docs" / "benchmark-results.json"
 REPORT = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
+#: Variants that name what was the method's default when they ran (mn's unlabeled_mode until
+#: 2026-12): the plot draws them as the method's line.
+FORMER_DEFAULTS = {"mn [replace]"}
 CLASS_NAMES = {"1": "Anterior", "2": "Posterior"}
 
 
@@ -321,15 +324,22 @@ def mean_stat(summary: dict, metric: str) -> float:
     return sum(values) / len(values)
 
 
-def from_scratch_runs(results: list, method: str, labels: int, network: str) -> list:
-    """The runs trained from scratch with default settings on ``labels`` labeled cases."""
-    return [
-        s
-        for s in results
-        if not s.get("init_from")
-        and not s.get("variant")
-        and (s["method"], s["labels"], s["network"]) == (method, labels, network)
-    ]
+def from_scratch_runs(results: list, warm: dict) -> list:
+    """The runs trained from scratch like the warm-started run ``warm``: the same method and
+    ``method.*`` settings, labeled cases, network, plan and scored cases (its other settings
+    are the retraining's, the subject of the comparison)."""
+
+    def like(r: dict) -> tuple:
+        return (
+            r["method"],
+            r["labels"],
+            r["network"],
+            sorted(s for s in r["settings"] if s.startswith("method.")),
+            bool(r.get("plan")),
+            r.get("scored_on"),
+        )
+
+    return [s for s in results if not s.get("init_from") and like(s) == like(warm)]
 
 
 def warm_start_lines(results: list) -> list:
@@ -342,7 +352,7 @@ def warm_start_lines(results: list) -> list:
     ):
         if not r.get("init_from"):
             continue
-        from_scratch = from_scratch_runs(results, r["method"], r["labels"], r["network"])
+        from_scratch = from_scratch_runs(results, r)
         scratch = [
             s for s in from_scratch if s["seed"] == r["seed"] and s["iterations"] >= r["iterations"]
         ]
@@ -440,14 +450,15 @@ def retraining_summary(results: list) -> list:
 
     groups: dict = {}
     for r in results:
-        if r.get("init_from") and not r.get("settings") and r.get("case_dice"):
-            key = (r["method"], r["labels"], r["network"], r["iterations"], r["init_from"])
+        retraining_settings = [s for s in r["settings"] if not s.startswith("method.")]
+        if r.get("init_from") and not retraining_settings and r.get("case_dice"):
+            key = (method_label(r), r["labels"], r["iterations"], r["init_from"])
             groups.setdefault(key, []).append(r)
     lines = []
-    for (method, labels, network, iterations, init_from), warm in sorted(groups.items()):
+    for (label, labels, iterations, init_from), warm in sorted(groups.items()):
         scratch = [
             s
-            for s in from_scratch_runs(results, method, labels, network)
+            for s in from_scratch_runs(results, warm[0])
             if s["iterations"] >= iterations and s.get("case_dice")
         ]
         if not scratch:
@@ -479,7 +490,7 @@ def retraining_summary(results: list) -> list:
         before = f"{start['labels']} -> " if start else ""
         reached = dice_warm >= min(seeds) and p >= 0.05
         lines.append(
-            f"| retraining after corrections, {method} ({before}{labels} labeled): warm start "
+            f"| retraining after corrections, {label} ({before}{labels} labeled): warm start "
             f"against from scratch ({len(warm)} and {len(scratch)} seeds) | "
             f"{iterations / budget:.0%} of iterations, {wall_share:.0%} of wall time, "
             f"{cpu_share}; "
@@ -815,19 +826,24 @@ def write_report(all_results: list) -> None:
         "",
         "![Dice against the number of labeled cases](benchmarks.png)",
         "",
-        "Reproduce (each line as it was run; results accumulate in docs/benchmark-results.json):",
-        "",
-        "```",
+        "Reproduce (each run's command; results accumulate in docs/benchmark-results.json).",
     ]
+    lines += [
+        f"Rows with `migration_note` in the results file: {note}."
+        for note in sorted({r["migration_note"] for r in all_results if r.get("migration_note")})
+    ]
+    lines += ["", "```"]
     lines += sorted({r["command"].replace(sys.executable, "python") for r in all_results})
     lines += ["```", ""]
     REPORT.write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    # One line per method at the full budget with default settings; variants, shorter
-    # budgets and warm starts are in the tables.
+    # One line per method at the full budget with the settings that were its defaults when it
+    # ran; other variants, shorter budgets and warm starts are in the tables.
     budget = max(i for _, _, _, i in groups)
-    for method in sorted({m for m, _, _, i in groups if i == budget and "[" not in m}):
+    for method in sorted(
+        {m for m, _, _, i in groups if i == budget and ("[" not in m or m in FORMER_DEFAULTS)}
+    ):
         points = sorted(
             (labels, np.mean([np.mean([class_stat(r["summary"], v, "dice") for v in CLASS_NAMES]) for r in runs]))
             for (m, labels, _, i), runs in groups.items()

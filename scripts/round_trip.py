@@ -240,14 +240,17 @@ def report_lines(results: list | None = None) -> list:
         "|" + "---|" * (len(parts) + 9),
     ]
     for r in sorted(results, key=lambda r: (r["dataset"], r["method"], r["date"])):
+        method = " ".join([r["method"], *(f"`{s}`" for s in r.get("settings", []))])
         cells = [formatPartSeconds(r["times"][p]) if p in r["times"] else "" for p in ROUND_PARTS]
         load = formatPartSeconds(r["load_case_seconds"]) if r.get("load_case_seconds") else ""
         lines.append(
-            f"| {r['dataset']} | {r['method']} | {r['labels']} + {r['added']} | "
+            f"| {r['dataset']} | {method} | {r['labels']} + {r['added']} | "
             f"{r['unlabeled_predicted']} | {r['iterations']} | " + " | ".join(cells) + " | "
             f"{formatPartSeconds(r['total_seconds'])} | {load} | {r['threads']} | {r['date']} |"
         )
     commands = sorted({r["command"].replace(sys.executable, "python") for r in results})
+    notes = sorted({r["migration_note"] for r in results if r.get("migration_note")})
+    lines += [""] + [f"Rows with `migration_note` in the results file: {n}." for n in notes]
     return lines + ["", "Reproduce:", "", "```", *commands, "```", ""]
 
 

@@ -35,7 +35,14 @@ from scipy import ndimage
 
 from SemiSupSegLib.backend.config import SHARE, TrainConfig
 from SemiSupSegLib.backend.methods.base import option, register_method
-from SemiSupSegLib.backend.methods.mn import MNMethod, MNOptions, Teaching, labels_one_hot
+from SemiSupSegLib.backend.methods.mn import (
+    UNLABELED_MODE_HELP,
+    UNLABELED_MODES,
+    MNMethod,
+    MNOptions,
+    Teaching,
+    labels_one_hot,
+)
 from SemiSupSegLib.backend.methods.teacher_student import (
     CONSISTENCY_HELP,
     DROPOUT_HELP,
@@ -367,6 +374,11 @@ class MNEMOptions(MatchingOptions, MonteCarloTeacherOptions, MNOptions):
     )
     entropy_weight: float = option(
         0.125, "final value of the ramped weight of L_EN on the 3D student", check=Range(0)
+    )
+    unlabeled_mode: str = option(
+        "replace",
+        UNLABELED_MODE_HELP + "; mn+em was not measured with add",
+        check=OneOf(UNLABELED_MODES),
     )
 
 
