@@ -57,6 +57,24 @@ def test_one_seed_screens_are_reported_but_never_decide(benchmark):
     assert "**supervised**" in text and "mn [add] (1 seed)" in text
 
 
+def test_a_warm_start_is_compared_with_runs_from_scratch_of_its_method_settings(benchmark):
+    def scratch(key: str, settings: list, dataset: str = "hippocampus", **extra) -> dict:
+        return {**run("mn", 0, 0.8), "key": key, "settings": settings, "dataset": dataset, **extra}
+
+    replace = ["method.unlabeled_mode=replace"]
+    warm = scratch("warm", replace + ["new_case_share=0"], init_from="base", labels=12)
+    candidates = [
+        scratch("same", replace, labels=12),
+        scratch("default", [], labels=12),  # another mn configuration
+        scratch("tuned", replace + ["learning_rate=0.001"], labels=12),  # not from defaults
+        scratch("other-data", replace, dataset="la", labels=12),
+        scratch("validation", replace, labels=12, scored_on="validation"),
+        scratch("eight", replace),
+        scratch("warm-too", replace, init_from="base", labels=12),
+    ]
+    assert [s["key"] for s in benchmark.from_scratch_runs(candidates, warm)] == ["same"]
+
+
 def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_budget():
     peer = load_script("peer_benchmark")
     result = {

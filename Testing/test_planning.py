@@ -86,6 +86,34 @@ def test_large_volumes_on_a_cpu_trade_resolution_for_context(unet_memory):
     assert gpu.estimated_memory_gib * 2**30 <= MEMORY_SHARE * GPU_24GB.memory_bytes
 
 
+def test_a_gpu_plan_fits_the_methods_largest_step(unet_memory):
+    """mn with unlabeled_mode=add ends with a second batch of unlabeled patches on top of the
+    labeled one; with replace, and supervised training, a step holds one batch."""
+    from SemiSupSegLib.backend.config import TrainConfig
+    from SemiSupSegLib.backend.methods import method_class, method_options
+
+    def peak(method: str, **options) -> float:
+        config = TrainConfig.from_dict({"method": method, "method_options": options})
+        return method_class(method).peak_patches_per_step(method_options(config))
+
+    assert peak("mn") == peak("mean-teacher") == 2.0
+    assert peak("mn", unlabeled_mode="replace") == peak("supervised") == 1.0
+    la_like = fingerprint_like((190, 142, 88), (0.625, 0.625, 0.625))
+    small_gpu = DeviceBudget("cuda", memory_bytes=4 * 2**30)  # where memory limits the patch
+    one, two = (
+        make_plan(la_like, small_gpu, memory=unet_memory, patches_per_step=p) for p in (1, 2)
+    )
+    assert (
+        np.prod(two.values["patch_size"]) * two.values["batch_size"]
+        < np.prod(one.values["patch_size"]) * one.values["batch_size"]
+    )
+    for plan, patches in ((one, 1), (two, 2)):
+        step = unet_memory.training_bytes(
+            int(np.prod(plan.values["patch_size"])), plan.values["batch_size"] * patches, True
+        )
+        assert step <= MEMORY_SHARE * small_gpu.memory_bytes
+
+
 def test_a_chosen_spacing_is_kept_and_the_patch_planned_for_it(unet_memory):
     la_like = fingerprint_like((190, 142, 88), (0.625, 0.625, 0.625))
     plan = make_plan(la_like, CPU, memory=unet_memory, spacing=(1.0, 1.0, 1.0))

@@ -325,12 +325,14 @@ def mean_stat(summary: dict, metric: str) -> float:
 
 
 def from_scratch_runs(results: list, warm: dict) -> list:
-    """The runs trained from scratch like the warm-started run ``warm``: the same method and
-    ``method.*`` settings, labeled cases, network, plan and scored cases (its other settings
-    are the retraining's, the subject of the comparison)."""
+    """The runs trained from scratch like the warm-started run ``warm``: the same dataset,
+    method and ``method.*`` settings, labeled cases, network, plan and scored cases, and no
+    other settings (``warm``'s other settings are the retraining's, the subject of the
+    comparison)."""
 
     def like(r: dict) -> tuple:
         return (
+            r.get("dataset", "hippocampus"),
             r["method"],
             r["labels"],
             r["network"],
@@ -339,7 +341,13 @@ def from_scratch_runs(results: list, warm: dict) -> list:
             r.get("scored_on"),
         )
 
-    return [s for s in results if not s.get("init_from") and like(s) == like(warm)]
+    return [
+        s
+        for s in results
+        if not s.get("init_from")
+        and all(setting.startswith("method.") for setting in s["settings"])
+        and like(s) == like(warm)
+    ]
 
 
 def warm_start_lines(results: list) -> list:

@@ -32,7 +32,7 @@ retraining per distinct choice (``retrain-<strategy>/``, resumed if interrupted)
 model's scores (``predictions-<score>/``, ``evaluation-<score>/``). Results accumulate in
 ``docs/review-order-results.json``; ``docs/benchmarks.md`` is regenerated with them.
 
-    python scripts/review_order_benchmark.py --dataset la --base la-mn-L8-s0-unet-it1500-val \\
+    python scripts/review_order_benchmark.py --dataset la --base la-mn-L8-s0-unet-it1500-add-val \\
         --score val --work /work/benchmark-runs
 """
 
@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--base",
         required=True,
-        help="the benchmark key of the run to start from (e.g. la-mn-L8-s0-unet-it1500-val): "
+        help="the benchmark key of the run to start from (e.g. la-mn-L8-s0-unet-it1500-add-val): "
         "its folder under --work and its entry in docs/benchmark-results.json",
     )
     parser.add_argument("--score", choices=["val", "test"], required=True)

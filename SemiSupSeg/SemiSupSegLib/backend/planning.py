@@ -168,11 +168,26 @@ def fit_patch(shape: Sequence[float], voxels: float, divisors_of: Any) -> Tuple[
     return tuple(patch)
 
 
+def shrink_patch(patch: Sequence[int], voxels: float, divisors_of: Any) -> Tuple[int, int, int]:
+    """``patch`` cut down, a network multiple of its longest axis at a time, to at most
+    ``voxels`` voxels: ``fit_patch`` rounds each axis to the nearest multiple, which can add
+    a few percent, too many where memory is the limit."""
+    patch = list(patch)
+    divisors = divisors_of(patch)
+    while float(np.prod(patch)) > voxels:
+        axes = [i for i in range(3) if patch[i] - divisors[i] >= max(MIN_PATCH, divisors[i])]
+        if not axes:
+            break
+        longest = max(axes, key=lambda i: patch[i])
+        patch[longest] -= divisors[longest]
+    return tuple(patch)
+
+
 def make_plan(
     fingerprint: Fingerprint,
     budget: DeviceBudget,
     network: str = "unet",
-    uses_unlabeled: bool = True,
+    patches_per_step: float = 2.0,
     time_budget: str = DEFAULT_BUDGET,
     memory: Optional[MemoryModel] = None,
     min_coverage: float = MIN_PATCH_COVERAGE,
@@ -184,7 +199,9 @@ def make_plan(
         fingerprint: the dataset's fingerprint.
         budget: what limits the device (``device_budget``).
         network: the 3D network's registered name; only ``unet``'s depth is planned.
-        uses_unlabeled: the method trains on unlabeled patches too (about half a batch more).
+        patches_per_step: the most patches per batch size a training step of the method keeps
+            activations of (``Method.peak_patches_per_step``: 2 where unlabeled patches come on
+            top of a labeled batch).
         time_budget: quick, standard or thorough.
         memory: the network's memory model (``memory.measure``); needed on memory-limited
             devices, the table's estimate otherwise.
@@ -204,7 +221,6 @@ def make_plan(
     spacing = np.array(spacing if chosen else target_spacing(fingerprint), dtype=float)
     reasons["target_spacing"] = "median spacing of the cases"
     median_mm = np.array(fingerprint.median_size_mm)
-    patches_per_step = 1.5 if uses_unlabeled else 1.0
 
     def divisors_of(patch: Sequence[float]) -> Tuple[int, int, int]:
         planned = unet_options([int(round(s)) for s in patch]) if network == "unet" else {}
@@ -237,7 +253,8 @@ def make_plan(
         usable = MEMORY_SHARE * budget.memory_bytes - memory.state_bytes
         per_patch_voxel = memory.training_bytes(1, patches_per_step, True) - memory.state_bytes
         batch = MIN_GPU_BATCH
-        patch = fit_patch(shape, usable / (per_patch_voxel * batch), divisors_of)
+        voxels = usable / (per_patch_voxel * batch)
+        patch = shrink_patch(fit_patch(shape, voxels, divisors_of), voxels, divisors_of)
         dataset_voxels = float(np.prod(shape)) * len(fingerprint.sizes)
         while (
             per_patch_voxel * float(np.prod(patch)) * (batch + 1) <= usable
@@ -334,7 +351,7 @@ def plan_training(
     from SemiSupSegLib.backend.device import select_device
     from SemiSupSegLib.backend.fingerprint import fingerprint_dataset
     from SemiSupSegLib.backend.memory import measure
-    from SemiSupSegLib.backend.methods import method_class
+    from SemiSupSegLib.backend.methods import method_class, method_options
     from SemiSupSegLib.backend.networks import create_network, network_divisors
 
     requested = TrainConfig.from_dict({**base, **explicit})
@@ -347,7 +364,9 @@ def plan_training(
         fingerprint,
         budget,
         network=requested.network,
-        uses_unlabeled=method_class(requested.method).uses_unlabeled,
+        patches_per_step=method_class(requested.method).peak_patches_per_step(
+            method_options(requested)
+        ),
         time_budget=time_budget,
         memory=measure(network, probe),
         spacing=requested.target_spacing,

@@ -200,6 +200,13 @@ class Method:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self._synced: Dict[int, nn.Module] = {}
 
+    @classmethod
+    def peak_patches_per_step(cls, options: Any) -> float:
+        """The most patches, per ``batch_size``, whose activations one training step keeps for
+        backward: what a plan for a GPU's memory must fit. A labeled batch, and for a method
+        that learns from unlabeled images as many unlabeled patches on top."""
+        return 2.0 if cls.uses_unlabeled else 1.0
+
     # --- what the loop calls
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
         """(labeled, unlabeled) patches wanted at ``iteration``."""

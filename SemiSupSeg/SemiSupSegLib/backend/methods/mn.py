@@ -310,6 +310,12 @@ class MNMethod(Method):
         phase = (iteration - self.stage1) // self.options.phase_length
         return [("2d", "3d")] if phase % 2 == 0 else [("3d", "2d")]
 
+    @classmethod
+    def peak_patches_per_step(cls, options: MNOptions) -> float:
+        """With ``add`` up to a second batch of unlabeled patches comes on top of the labeled
+        one late in training; with ``replace`` they take labeled patches' places."""
+        return 2.0 if options.unlabeled_mode == "add" else 1.0
+
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
         batch = self.config.batch_size
         if iteration < self.stage1:
