@@ -88,7 +88,8 @@ def test_large_volumes_on_a_cpu_trade_resolution_for_context(unet_memory):
 
 def test_a_gpu_plan_fits_the_methods_largest_step(unet_memory):
     """mn with unlabeled_mode=add ends with a second batch of unlabeled patches on top of the
-    labeled one; with replace, and supervised training, a step holds one batch."""
+    labeled one; with replace, and supervised training, a step holds one batch; a GPU plan
+    fits the largest step in its share of the memory."""
     from SemiSupSegLib.backend.config import TrainConfig
     from SemiSupSegLib.backend.methods import method_class, method_options
 
@@ -96,8 +97,10 @@ def test_a_gpu_plan_fits_the_methods_largest_step(unet_memory):
         config = TrainConfig.from_dict({"method": method, "method_options": options})
         return method_class(method).peak_patches_per_step(method_options(config))
 
-    assert peak("mn") == peak("mean-teacher") == 2.0
+    assert peak("mn") == peak("bcp") == 2.0
+    assert peak("mean-teacher") == peak("em") == 1.5  # half a batch of unlabeled on top
     assert peak("mn", unlabeled_mode="replace") == peak("supervised") == 1.0
+    assert peak("ua-mt", unlabeled_batch=0) == peak("mn+em") == 1.0
     la_like = fingerprint_like((190, 142, 88), (0.625, 0.625, 0.625))
     small_gpu = DeviceBudget("cuda", memory_bytes=4 * 2**30)  # where memory limits the patch
     one, two = (

@@ -198,6 +198,13 @@ class TeacherStudentMethod(StudentWithEmaTeacher):
         self.ramp_total = max(1.0, o.ramp_fraction * config.iterations)
 
     # --- the loop's questions
+    @classmethod
+    def peak_patches_per_step(cls, options: TeacherStudentOptions) -> float:
+        """Half a batch of unlabeled patches on top by default, none on top in the published
+        split; a fixed ``unlabeled_batch`` is counted as up to a second batch."""
+        extra = options.unlabeled_batch
+        return 1.5 if extra is None else 2.0 if extra > 0 else 1.0
+
     def batch_composition(self, iteration: int) -> Tuple[int, int]:
         """``batch_size`` labeled patches plus ``unlabeled_batch`` unlabeled ones (default
         None: half of ``batch_size``), so the student gets as much supervision per iteration as
