@@ -79,7 +79,7 @@ def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_b
     peer = load_script("peer_benchmark")
     result = {
         "name": "uamt-L8",
-        "meta": {"iterations": "1500", "train_patch_size": "64,64,48", "extra_train_args": ""},
+        "meta": {"iterations": "1500", "train_patch_size": [64, 64, 48], "extra_train_args": ""},
         "per_case": [
             {"id": "a", "dice": 0.9, "jaccard": 0.8, "hd95": 8.0, "asd": 2.0},
             {"id": "b", "dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0},  # empty
@@ -106,16 +106,16 @@ def test_peer_scores_are_stored_in_mm_and_reported_beside_our_runs_at_the_same_b
         metrics.update({"hd95_mm": {"mean": 5.0}, "asd_mm": {"mean": 1.0}})
         return {**run("supervised", seed, dice), "iterations": iterations, "dataset": "la",
                 "scored_on": "test", "summary": {"classes": {"1": metrics}},
-                "train_cpu_seconds": 1800, "plan": {"patch_size": [56, 40, 24]}}  # fmt: skip
+                "train_cpu_seconds": 1800, "plan": {"patch_size": [56, 40, 24], "target_spacing": [1.25] * 3}}  # fmt: skip
 
     warm = {**ours(2, 0.95), "init_from": "supervised-L4"}
     lines = peer.report_lines([row], [ours(0, 0.88), ours(1, 0.90), ours(0, 0.5, 6000), warm])
     table = [line for line in lines if line.startswith("| ")]
     assert table[1].startswith(
-        "| UA-MT (peer code) | ua-mt | 8 | 1500 | 1337 | 64,64,48 | 30.00 (1 empty)"
+        "| UA-MT (peer code) | ua-mt | 8 | 1500 | 1337 | 64x64x48, 0.625 | 30.00 (1 empty)"
     )
     assert table[2].startswith(
-        "| SemiSupSeg | supervised | 8 | 1500 | 0, 1 | 56x40x24 | 89.00 (88.00-90.00)"
+        "| SemiSupSeg | supervised | 8 | 1500 | 0, 1 | 56x40x24, 1.25x1.25x1.25 | 89.00 (88.00-90.00)"
     )
     assert len(table) == 3  # the 6000-iteration run is another budget, the warm start not ours
     assert peer.report_lines([], []) == []
