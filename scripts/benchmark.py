@@ -324,6 +324,18 @@ def mean_stat(summary: dict, metric: str) -> float:
     return sum(values) / len(values)
 
 
+def retraining_settings(run: dict) -> list:
+    """A run's settings other than its method's own (``method.*``): the training's."""
+    return [s for s in run["settings"] if not s.startswith("method.")]
+
+
+def migration_note_lines(results: list) -> list:
+    """One line per distinct ``migration_note`` of stored results (rows rewritten after a
+    default changed)."""
+    notes = sorted({r["migration_note"] for r in results if r.get("migration_note")})
+    return [f"Rows with `migration_note` in the results file: {note}." for note in notes]
+
+
 def from_scratch_runs(results: list, warm: dict) -> list:
     """The runs trained from scratch like the warm-started run ``warm``: the same dataset,
     method and ``method.*`` settings, labeled cases, network, plan and scored cases, and no
@@ -336,7 +348,7 @@ def from_scratch_runs(results: list, warm: dict) -> list:
             r["method"],
             r["labels"],
             r["network"],
-            sorted(s for s in r["settings"] if s.startswith("method.")),
+            sorted(s for s in r["settings"] if s not in retraining_settings(r)),
             bool(r.get("plan")),
             r.get("scored_on"),
         )
@@ -344,9 +356,7 @@ def from_scratch_runs(results: list, warm: dict) -> list:
     return [
         s
         for s in results
-        if not s.get("init_from")
-        and all(setting.startswith("method.") for setting in s["settings"])
-        and like(s) == like(warm)
+        if not s.get("init_from") and not retraining_settings(s) and like(s) == like(warm)
     ]
 
 
@@ -458,8 +468,7 @@ def retraining_summary(results: list) -> list:
 
     groups: dict = {}
     for r in results:
-        retraining_settings = [s for s in r["settings"] if not s.startswith("method.")]
-        if r.get("init_from") and not retraining_settings and r.get("case_dice"):
+        if r.get("init_from") and not retraining_settings(r) and r.get("case_dice"):
             key = (method_label(r), r["labels"], r["iterations"], r["init_from"])
             groups.setdefault(key, []).append(r)
     lines = []
@@ -836,11 +845,7 @@ def write_report(all_results: list) -> None:
         "",
         "Reproduce (each run's command; results accumulate in docs/benchmark-results.json).",
     ]
-    lines += [
-        f"Rows with `migration_note` in the results file: {note}."
-        for note in sorted({r["migration_note"] for r in all_results if r.get("migration_note")})
-    ]
-    lines += ["", "```"]
+    lines += migration_note_lines(all_results) + ["", "```"]
     lines += sorted({r["command"].replace(sys.executable, "python") for r in all_results})
     lines += ["```", ""]
     REPORT.write_text("\n".join(lines))

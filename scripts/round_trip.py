@@ -37,7 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SemiSupSeg"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark import DATASETS, RESULTS, dataset_split, load_results, save_result  # noqa: E402
+from benchmark import (  # noqa: E402
+    DATASETS,
+    RESULTS,
+    dataset_split,
+    load_results,
+    migration_note_lines,
+    save_result,
+)
 from SemiSupSegLib.backend.datasets import infer_classes, load_dataset  # noqa: E402
 from SemiSupSegLib.progress import ROUND_PARTS, formatPartSeconds  # noqa: E402
 
@@ -249,8 +256,7 @@ def report_lines(results: list | None = None) -> list:
             f"{formatPartSeconds(r['total_seconds'])} | {load} | {r['threads']} | {r['date']} |"
         )
     commands = sorted({r["command"].replace(sys.executable, "python") for r in results})
-    notes = sorted({r["migration_note"] for r in results if r.get("migration_note")})
-    lines += [""] + [f"Rows with `migration_note` in the results file: {n}." for n in notes]
+    lines += [""] + migration_note_lines(results)
     return lines + ["", "Reproduce:", "", "```", *commands, "```", ""]
 
 

@@ -145,8 +145,9 @@ def unet_options(patch: Sequence[int]) -> Dict[str, Any]:
 
 
 def fit_patch(shape: Sequence[float], voxels: float, divisors_of: Any) -> Tuple[int, int, int]:
-    """The largest patch shaped like ``shape`` with at most ``voxels`` voxels, never larger
-    than ``shape`` along any axis, each axis a multiple of what the network needs."""
+    """The largest patch shaped like ``shape`` with about ``voxels`` voxels, never larger
+    than ``shape`` along any axis, each axis the nearest multiple of what the network needs
+    (which can add a few percent; ``shrink_patch`` removes them where memory is the limit)."""
     shape = np.maximum(np.array(shape, dtype=float), MIN_PATCH)
     scale = min(1.0, (voxels / float(np.prod(shape))) ** (1 / 3))
     raw = shape * scale
